@@ -1,0 +1,386 @@
+"""One typed configuration object for a run, loaded from TOML presets and `--set` overrides.
+
+A preset is data: a TOML file whose tables mirror the dataclasses below. Loading validates every
+key against its field (unknown key, wrong type, out-of-range or unknown choice) and reports the
+file, the dotted key and the reason before any work starts. A preset may start with
+`extends = "NAME"` to inherit another preset and change a few keys. Each parameter then flows from
+here to the one place that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from apctl.errors import ApctlError
+
+PRESET_DIR_ENV = "APCTL_PRESETS"
+
+
+def _choice(*options: str) -> dict:
+    return {"choices": options}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"min": lo, "max": hi, "lo_open": lo_open}
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+
+
+@dataclass
+class TeacherConfig:
+    """Who the student learns from.
+
+    kind = "gmm": an exact Gaussian mixture given by `means` (K lists of d numbers), `stds` (K numbers,
+    or K lists of d numbers; 0 = Dirac), `weights` (K numbers) and optional `classes` (K integers).
+    kind = "empirical": the exact mixture over a data set (`[data]`), one component per example with
+    isotropic std `bandwidth` (0 = the empirical distribution itself).
+    kind = "network": an EDM network from `file` (EDM pickle, OpenAI ADM .pt, or apctl safetensors).
+    """
+
+    kind: str = field(default="gmm", metadata=_choice("gmm", "empirical", "network"))
+    means: list = field(default_factory=list)
+    stds: Any = 0.0
+    weights: list = field(default_factory=list)
+    classes: list = field(default_factory=list)
+    bandwidth: float = field(default=0.0, metadata=_range(0.0))
+    file: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Training data x_0. kind = "teacher" draws exact samples from an analytic teacher."""
+
+    kind: str = field(default="teacher", metadata=_choice("teacher", "digits", "cifar10", "edm", "folder"))
+    path: str = ""
+    resolution: int = field(default=8, metadata=_range(1))
+    xflip: bool = False
+    class_conditional: bool = False
+
+
+@dataclass
+class StudentConfig:
+    """The two-time denoiser D_θ(x, t, s). kind = "mlp" (low-dimensional data) or "unet" (images)."""
+
+    kind: str = field(default="mlp", metadata=_choice("mlp", "unet"))
+    hidden: int = field(default=256, metadata=_range(1))
+    depth: int = field(default=4, metadata=_range(1))
+    embed_dim: int = field(default=64, metadata=_range(2))
+    network: str = "tiny-songunet-16"
+    init_from_teacher: bool = True
+
+
+@dataclass
+class StatisticsConfig:
+    n_points: int = field(default=120, metadata=_range(8))
+    n_samples: int = field(default=4096, metadata=_range(1))
+    batch_size: int = field(default=512, metadata=_range(1))
+    seed: int = 0
+    derivative: str = field(default="jvp", metadata=_choice("jvp", "fd"))
+    ridge: float = field(default=1e-14, metadata=_range(0.0))
+
+
+@dataclass
+class PrecondConfig:
+    """Outer preconditioning: "analytic" (Analytic-Precond), "ctm" (s/t, 1 − s/t) or "cm"."""
+
+    kind: str = field(default="analytic", metadata=_choice("analytic", "ctm", "cm"))
+    form: str = field(default="backward", metadata=_choice("backward", "forward"))
+    interpolation: str = field(default="cubic", metadata=_choice("cubic", "linear"))
+    statistics_file: str = ""
+    statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective and its discretisation (math note §1.4)."""
+
+    kind: str = field(default="ctm", metadata=_choice("ctm", "cd"))
+    grid_points: int = field(default=18, metadata=_range(2))
+    max_teacher_steps: int = field(default=17, metadata=_range(1))
+    distance: str = field(default="l2", metadata=_choice("l2", "pseudo_huber", "lpips"))
+    huber_c: float = field(default=0.03, metadata=_range(0.0, lo_open=True))
+    dsm_weight: float = field(default=1.0, metadata=_range(0.0))
+    target_ema: float = field(default=0.999, metadata=_range(0.0, 1.0))
+    lpips_net: str = field(default="alex", metadata=_choice("alex", "vgg"))
+    lpips_trunk: str = ""
+
+
+@dataclass
+class TrainingConfig:
+    iterations: int = field(default=2000, metadata=_range(1))
+    batch_size: int = field(default=256, metadata=_range(1))
+    lr: float = field(default=4e-4, metadata=_range(0.0, lo_open=True))
+    optimizer: str = field(default="radam", metadata=_choice("radam", "adam"))
+    ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0))
+    precision: str = field(default="fp32", metadata=_choice("fp32", "fp16", "bf16"))
+    grad_clip: float = field(default=0.0, metadata=_range(0.0))
+    log_every: int = field(default=50, metadata=_range(1))
+    checkpoint_every: int = field(default=500, metadata=_range(1))
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = field(default=2048, metadata=_range(1))
+    teacher_steps: int = field(default=256, metadata=_range(2))
+    nfe: list = field(default_factory=lambda: [1, 2, 4])
+    seed: int = 12345
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    precond: PrecondConfig = field(default_factory=PrecondConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+class ConfigError(ApctlError):
+    def __init__(self, source: str, key: str, reason: str):
+        super().__init__(f"{source}: key '{key}': {reason}")
+
+
+def _check_value(source: str, key: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
+    """Type-check (and coerce int → float) one leaf value, then its range or choices."""
+    origin = typing.get_origin(hint) or hint
+    if hint is Any:
+        pass
+    elif origin is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"expected true or false, got {value!r}")
+    elif origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"expected an integer, got {value!r}")
+    elif origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, f"expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(source, key, f"expected a finite number, got {value!r}")
+    elif origin is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"expected a string, got {value!r}")
+    elif origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected a list, got {value!r}")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(source, key, f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        raise ConfigError(source, key, f"must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(source, key, f"must be <= {hi}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, data: dict, source: str, prefix: str = "") -> None:
+    """Write the (nested) mapping `data` onto the dataclass instance `obj`, validating every key."""
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(source, dotted, f"unknown key (known keys here: {known})")
+        f, hint = fields[key], hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(source, dotted, f"expected a table [{dotted}], got {value!r}")
+            _apply(getattr(obj, key), value, source, dotted + ".")
+        else:
+            setattr(obj, key, _check_value(source, dotted, f, value, hint))
+
+
+def _read_toml(path: Path) -> dict:
+    import tomli
+
+    try:
+        with open(path, "rb") as fh:
+            return tomli.load(fh)
+    except tomli.TOMLDecodeError as exc:
+        raise ApctlError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ApctlError(f"cannot read preset {path}: {exc.strerror}") from None
+
+
+def preset_dirs() -> list[Path]:
+    """Where preset names are looked up: $APCTL_PRESETS, ./presets, then the presets shipped with apctl."""
+    dirs = []
+    if os.environ.get(PRESET_DIR_ENV):
+        dirs.append(Path(os.environ[PRESET_DIR_ENV]))
+    dirs.append(Path.cwd() / "presets")
+    dirs.append(Path(__file__).resolve().parent.parent / "presets")
+    seen, unique = set(), []
+    for d in dirs:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            unique.append(d)
+    return unique
+
+
+def available_presets() -> list[str]:
+    names = set()
+    for d in preset_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def find_preset(name_or_path: str) -> Path:
+    """A preset by file path (anything ending in .toml) or by name in `preset_dirs()`."""
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ApctlError(f"preset file not found: {path}")
+        return path
+    for d in preset_dirs():
+        candidate = d / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+    raise ApctlError(f"unknown preset '{name_or_path}' (available: {', '.join(available_presets()) or 'none'}; "
+                     f"looked in {', '.join(str(d) for d in preset_dirs())})")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in chain:
+        raise ApctlError(f"{path}: 'extends' forms a cycle")
+    data = _read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(str(path), "extends", "expected a preset name")
+    parent_path = find_preset(parent) if parent.endswith(".toml") is False else (path.parent / parent)
+    return _merge(_load_layers(parent_path, chain + (path.resolve(),)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' → (['a', 'b'], value), the value read as TOML (bare words are strings)."""
+    import tomli
+
+    if "=" not in text:
+        raise ApctlError(f"--set expects key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if not key or any(not part for part in key.split(".")):
+        raise ApctlError(f"--set expects a dotted key like training.lr, got {key!r}")
+    try:
+        value = tomli.loads(f"v = {raw}")["v"]
+    except tomli.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(preset: str, overrides: list[str] = ()) -> tuple[Config, Path]:
+    """The validated Config of a preset (name or .toml path) with `--set` overrides applied."""
+    path = find_preset(preset)
+    cfg = Config()
+    data = _load_layers(path)
+    _apply(cfg, data, str(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(cfg, _nest(keys, value), f"--set {text}")
+    validate(cfg, str(path))
+    return cfg, path
+
+
+def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
+    cfg = Config()
+    _apply(cfg, data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Cross-field rules that a single key's type and range cannot express."""
+    t = cfg.teacher
+    if t.kind == "gmm":
+        if not t.means:
+            raise ConfigError(source, "teacher.means", "a gmm teacher needs at least one mean")
+        dims = {len(m) if isinstance(m, list) else -1 for m in t.means}
+        if len(dims) != 1 or -1 in dims:
+            raise ConfigError(source, "teacher.means", "must be a list of equally long lists of numbers")
+        K = len(t.means)
+        for key, value in (("weights", t.weights), ("classes", t.classes)):
+            if value and len(value) != K:
+                raise ConfigError(source, f"teacher.{key}", f"needs {K} entries (one per mean), got {len(value)}")
+        if isinstance(t.stds, list) and len(t.stds) != K:
+            raise ConfigError(source, "teacher.stds", f"needs {K} entries (one per mean) or one number")
+        if cfg.data.kind != "teacher":
+            raise ConfigError(source, "data.kind", "a gmm teacher draws its own data: use data.kind = 'teacher'")
+    if t.kind == "empirical" and cfg.data.kind == "teacher":
+        raise ConfigError(source, "data.kind", "an empirical teacher needs a data set (digits, cifar10, edm, folder)")
+    if t.kind == "network" and cfg.data.kind == "teacher":
+        raise ConfigError(source, "data.kind", "a network teacher needs a data set (digits, cifar10, edm, folder)")
+    if cfg.objective.max_teacher_steps > cfg.objective.grid_points - 1:
+        raise ConfigError(source, "objective.max_teacher_steps",
+                          f"at most grid_points − 1 = {cfg.objective.grid_points - 1}")
+    if cfg.objective.distance == "lpips" and cfg.student.kind != "unet":
+        raise ConfigError(source, "objective.distance", "lpips compares images: it needs student.kind = 'unet'")
+    if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg.eval.nfe):
+        raise ConfigError(source, "eval.nfe", "must be a list of positive integers")
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, saved with every run (re-loadable with `load_config`)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return str(v)
+
+    lines: list[str] = []
+
+    def emit(table: dict, prefix: str) -> None:
+        leaves = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in leaves.items())
+        for k, v in tables.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(cfg.to_dict(), "")
+    return "\n".join(lines).lstrip() + "\n"
