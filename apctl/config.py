@@ -126,6 +126,7 @@ class TrainingConfig:
     precision: str = field(default="fp32", metadata=_choice("fp32", "fp16", "bf16"))
     grad_clip: float = field(default=0.0, metadata=_range(0.0))
     log_every: int = field(default=50, metadata=_range(1))
+    eval_every: int = field(default=0, metadata=_range(0))
     checkpoint_every: int = field(default=500, metadata=_range(1))
     keep_checkpoints: int = field(default=2, metadata=_range(1))
 

@@ -34,10 +34,12 @@ def heun_step(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, u: torch.Tens
 
 
 def heun_solve(denoise: Denoiser, x: torch.Tensor, sigmas: Sequence[float],
-               labels: torch.Tensor | None = None, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Integrate the PF-ODE through the decreasing noise levels `sigmas` with Heun steps."""
+               labels: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Integrate the PF-ODE through the decreasing noise levels `sigmas` with Heun steps.
+
+    `progress(done, total)` is called after each step."""
     for i in range(len(sigmas) - 1):
         x = heun_step(denoise, x, _per_sample(sigmas[i], x), _per_sample(sigmas[i + 1], x), labels)
         if progress is not None:
-            progress(i + 1)
+            progress(i + 1, len(sigmas) - 1)
     return x

@@ -43,6 +43,8 @@ class GaussianMixtureTeacher:
     `shape` is the per-sample data shape (e.g. (2,) or (1, 8, 8)); inputs are flattened to d = prod(shape).
     """
 
+    dtype = torch.float64
+
     def __init__(self, means, stds, weights=None, classes=None, shape=None, name: str = "gmm"):
         means = torch.as_tensor(np.asarray(means), dtype=torch.float64)
         if means.dim() != 2:
@@ -57,6 +59,10 @@ class GaussianMixtureTeacher:
             raise ValueError("weights must be K non-negative numbers with a positive sum")
         self.means = means
         self.variances = stds.contiguous() ** 2
+        # Isotropic components (one variance per component) allow a different σ per sample at (B, K) cost.
+        self.isotropic = bool((self.variances == self.variances[:, :1]).all())
+        self.c2 = self.variances[:, 0].contiguous()
+        self._sq_means = (self.means ** 2).sum(1)
         self.log_weights = (weights / weights.sum()).log()
         self.classes = None if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
         self.label_dim = 0 if self.classes is None else int(self.classes.max()) + 1
@@ -130,7 +136,51 @@ class GaussianMixtureTeacher:
         for value in torch.unique(t):
             yield value, (t == value).nonzero().squeeze(1)
 
+    # --- isotropic components: per-sample σ, all sums as (B, K) products ----------------------------
+    def _iso(self, x, t):
+        """v = c_k² + t_b², β = t_b²/v and ‖x_b − μ_k‖², each (B, K)."""
+        v = self.c2[None] + t[:, None] ** 2
+        dist2 = ((x ** 2).sum(1, keepdim=True) - 2 * x @ self.means.T + self._sq_means).clamp_min(0)
+        return v, t[:, None] ** 2 / v, dist2
+
+    def _posterior_iso(self, x, t, labels) -> _Posterior:
+        v, beta, dist2 = self._iso(x, t)
+        log_r = self.log_weights - 0.5 * self.dim * v.log() - 0.5 * dist2 / v
+        if labels is not None and self.classes is not None:
+            log_r = log_r + self._class_mask(labels)
+        r = torch.softmax(log_r, dim=1)
+        rb = r * beta
+        return _Posterior(r, x - x * rb.sum(1, keepdim=True) + rb @ self.means)
+
+    def _trace_iso(self, x, t, p):
+        v, beta, dist2 = self._iso(x, t)
+        e = x - p.D
+        cross = (e * x).sum(1, keepdim=True) - e @ self.means.T                    # ⟨x − D, x − μ_k⟩
+        spread = (e ** 2).sum(1, keepdim=True) - 2 * beta * cross + beta ** 2 * dist2   # ‖m_k − D‖²
+        smooth = (p.r * self.dim * self.c2 / v).sum(1)
+        return smooth + (p.r * spread.clamp_min(0)).sum(1) / t ** 2
+
+    def _jvp_iso(self, x, t, p, u):
+        v, beta, _ = self._iso(x, t)
+        e = x - p.D
+        proj = (e * u).sum(1, keepdim=True) - beta * ((x * u).sum(1, keepdim=True) - u @ self.means.T)
+        w = p.r * proj
+        spread = e * w.sum(1, keepdim=True) - x * (w * beta).sum(1, keepdim=True) + (w * beta) @ self.means
+        return u * (p.r * self.c2 / v).sum(1, keepdim=True) + spread / t[:, None] ** 2
+
+    def _time_partial_iso(self, x, t, p):
+        v, beta, dist2 = self._iso(x, t)
+        tb = t[:, None]
+        a = -self.dim * tb / v + tb * dist2 / v ** 2
+        rho = p.r * (a - (p.r * a).sum(1, keepdim=True))
+        mix = -x * (rho * beta).sum(1, keepdim=True) + (rho * beta) @ self.means
+        rc = p.r * self.c2 / v ** 2
+        return mix - 2 * tb * (x * rc.sum(1, keepdim=True) - rc @ self.means)
+
+    # --- general diagonal components: rows grouped by σ, (K, d) variances per group -----------------
     def _posterior(self, x, t, labels) -> _Posterior:
+        if self.isotropic:
+            return self._posterior_iso(x, t, labels)
         r = torch.empty(x.shape[0], self.means.shape[0], dtype=torch.float64)
         D = torch.empty_like(x)
         for value, rows in self._groups(t):
@@ -147,6 +197,8 @@ class GaussianMixtureTeacher:
         return _Posterior(r, D)
 
     def _trace_terms(self, x, t, p):
+        if self.isotropic:
+            return self._trace_iso(x, t, p)
         out = torch.empty(x.shape[0], dtype=torch.float64)
         for value, rows in self._groups(t):
             xs, r, D = x[rows], p.r[rows], p.D[rows]
@@ -162,6 +214,8 @@ class GaussianMixtureTeacher:
         return out
 
     def _jacobian_vector(self, x, t, p, u):
+        if self.isotropic:
+            return self._jvp_iso(x, t, p, u)
         out = torch.empty_like(x)
         for value, rows in self._groups(t):
             xs, r, D, us = x[rows], p.r[rows], p.D[rows], u[rows]
@@ -177,6 +231,8 @@ class GaussianMixtureTeacher:
         return out
 
     def _time_partial(self, x, t, p):
+        if self.isotropic:
+            return self._time_partial_iso(x, t, p)
         out = torch.empty_like(x)
         for value, rows in self._groups(t):
             xs, r = x[rows], p.r[rows]

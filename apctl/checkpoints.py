@@ -1,0 +1,146 @@
+"""Checkpoints: everything needed to resume a run exactly, or to sample and evaluate a student.
+
+A checkpoint is a pair written atomically (the JSON last, so its presence marks a complete pair):
+
+    checkpoints/ckpt-0001000.safetensors   student.*, target.*, ema.*   network weights
+                                          optim.<param>.<name>         optimizer state tensors
+                                          rng.generator                data/objective RNG state
+                                          precond.lam, .l, .s          Analytic-Precond statistics
+    checkpoints/ckpt-0001000.json          format, step, resolved config, student architecture,
+                                          optimizer hyper-parameters, teacher fingerprint, last logs
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apctl.errors import ApctlError
+
+FORMAT = "apctl-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d+)\.json$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def group(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors under `prefix.`, with the prefix removed."""
+        n = len(prefix) + 1
+        return {k[n:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: Path, step: int, meta: dict[str, Any], networks: dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer | None, generator: torch.Generator | None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None, keep: int | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, net in networks.items():
+        for k, v in net.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
+    meta = dict(meta, format=FORMAT, version=VERSION, step=step)
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+    if generator is not None:
+        tensors["rng.generator"] = generator.get_state()
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = v.detach().cpu().contiguous()
+    stem = directory / f"ckpt-{step:07d}"
+    tmp = stem.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(stem.with_suffix(".safetensors"))
+    tmp_json = stem.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(meta, indent=1, default=float))
+    tmp_json.replace(stem.with_suffix(".json"))
+    if keep:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return stem.with_suffix(".json")
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints (their JSON files) in step order."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (→ its latest checkpoint), a checkpoint's .json, or its .safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        for directory in (path / "checkpoints", path):
+            found = list_checkpoints(directory)
+            if found:
+                return found[-1]
+        raise ApctlError(f"no checkpoint in {path} (expected {path}/checkpoints/ckpt-*.json from `apctl distill`)")
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise ApctlError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    json_path = resolve_checkpoint(path)
+    try:
+        meta = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApctlError(f"{json_path} is not a readable checkpoint ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        what = "an apctl teacher" if isinstance(meta, dict) and "class_name" in meta else "not an apctl student checkpoint"
+        raise ApctlError(f"{json_path} is {what}; pass a run directory or a ckpt-*.json written by `apctl distill`")
+    weights = json_path.with_suffix(".safetensors")
+    try:
+        tensors = load_file(str(weights))
+    except FileNotFoundError:
+        raise ApctlError(f"checkpoint weights missing: {weights}") from None
+    except Exception as exc:
+        raise ApctlError(f"{weights} is not a readable safetensors file ({exc})") from None
+    return Checkpoint(json_path, meta, tensors)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    optimizer.load_state_dict(_unflatten_optimizer(ckpt.group("optim"), ckpt.meta["optimizer"]))

@@ -1,0 +1,63 @@
+"""`apctl distill`: train a few-step student from a teacher; re-running the same command resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from apctl.cli.options import DataOpt, PresetOpt, SetOpt, TeacherOpt, resolve_config
+
+
+def distill(
+    preset: str = PresetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
+    overrides: Optional[list[str]] = SetOpt,
+    teacher: Optional[Path] = TeacherOpt,
+    data: Optional[Path] = DataOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit; needs no teacher or data files."),
+) -> None:
+    """Distill a teacher into a few-step student (resumes when re-run).
+
+    Trains a two-time consistency student (CTM or CD objective; Analytic-Precond, CTM or CM
+    preconditioning). Writes config.toml, precond statistics, checkpoints, metrics.jsonl
+    and samples.png to the run directory. Re-run the same command to resume from the last checkpoint;
+    under `torchrun --nproc_per_node=K` the global batch is split over K processes."""
+    cfg, preset_path = resolve_config(preset, overrides, teacher, data)
+    out = out or Path("runs") / cfg.run.name
+    from apctl.cli.ui import console
+
+    if dry_run:
+        from rich.table import Table
+
+        from apctl.plan import describe_plan
+
+        table = Table(title=f"apctl distill --preset {preset} (dry run)", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in describe_plan(cfg, preset_path, out):
+            table.add_row(key, value)
+        console.print(table)
+        return
+
+    from apctl.cli.ui import DistillReporter, ProgressCallback
+    from apctl.distill import finish_run, start_run
+    from apctl.training import distributed
+    from apctl.training.run import train
+
+    distributed.init()
+    try:
+        reporter = DistillReporter()
+        if not distributed.is_main():
+            from apctl.training.run import SilentReporter
+
+            reporter = SilentReporter()
+        run, probe = start_run(cfg, out, reporter, ProgressCallback("teacher ODE reference"))
+        train(run, reporter, probe)
+        if distributed.is_main():
+            summary = finish_run(run)
+            for line in summary:
+                console.print(line)
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,29 @@
+"""Options shared by several commands, and turning them into one config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+PresetOpt = typer.Option("toy2d", "--preset", "-p",
+                         help="Preset name (see presets/) or a path to a .toml file.")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                      help="Override any preset key, e.g. --set training.lr=1e-4 (repeatable; values read as TOML).")
+TeacherOpt = typer.Option(None, "--teacher", metavar="FILE",
+                          help="Teacher file: an EDM .pkl, OpenAI's edm_imagenet64_ema.pt, or an apctl .safetensors.")
+DataOpt = typer.Option(None, "--data", metavar="PATH", help="Data set path (CIFAR-10 archive, EDM zip or folder).")
+
+
+def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optional[Path] = None,
+                   data: Optional[Path] = None):
+    """Preset + --teacher/--data (shorthands for teacher.file / data.path) + --set, validated once."""
+    from apctl.config import load_config
+
+    extra = []
+    if teacher is not None:
+        extra += ['teacher.kind="network"', f"teacher.file={str(teacher)!r}"]
+    if data is not None:
+        extra += [f"data.path={str(data)!r}"]
+    return load_config(preset, extra + list(overrides or []))

@@ -1,0 +1,118 @@
+"""`apctl precond compute | plot | inspect`: Analytic-Precond's teacher statistics and coefficients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from apctl.cli.options import DataOpt, PresetOpt, SetOpt, TeacherOpt, resolve_config
+from apctl.errors import ApctlError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Estimate, plot and inspect Analytic-Precond's statistics l_σ, s_σ and coefficients f, g.")
+
+GridOpt = typer.Option(18, "--grid", help="Karras grid size N for the comparison (18: CIFAR-10/FFHQ, 40: ImageNet).")
+FormOpt = typer.Option("backward", "--form", help="backward (recommended) or forward.")
+
+
+@app.callback()
+def _precond() -> None:
+    """Estimate, plot and inspect Analytic-Precond's statistics and coefficients."""
+
+
+@app.command("compute")
+def compute(
+    output: Path = typer.Option(..., "--output", "-o", help="Statistics file to write (.safetensors)."),
+    preset: str = PresetOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    teacher: Optional[Path] = TeacherOpt,
+    data: Optional[Path] = DataOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    """Estimate l_σ and s_σ from a teacher and save them.
+
+    l_σ by Hutchinson traces through JVPs and s_σ (JVP along the PF-ODE) from the preset's teacher
+    on its data, with the preset's [precond.statistics] settings; save them with the teacher's fingerprint."""
+    if output.suffix != ".safetensors":
+        raise ApctlError(f"--output must end in .safetensors, got {output}")
+    if output.exists() and not force:
+        raise ApctlError(f"{output} already exists; pass --force to overwrite")
+    cfg, _ = resolve_config(preset, overrides, teacher, data)
+    from apctl.cli.ui import ProgressCallback, console
+    from apctl.data.sources import build_data_source, load_training_data
+    from apctl.preconditioning.build import compute_statistics
+    from apctl.teachers import build_teacher
+
+    data_set = load_training_data(cfg)
+    t = build_teacher(cfg, data_set)
+    stats = compute_statistics(cfg, t, build_data_source(cfg, t, data_set), ProgressCallback("l_σ, s_σ"))
+    stats.save(output)
+    console.print(f"{len(stats.lam)} levels, σ ∈ [{stats.sigma.min():g}, {stats.sigma.max():g}], "
+                  f"l ∈ [{stats.l.min():.3g}, {stats.l.max():.3g}], s ∈ [{stats.s.min():.3g}, {stats.s.max():.3g}] → {output}")
+
+
+@app.command("plot")
+def plot(
+    stats_file: Path = typer.Argument(..., metavar="STATS", help="Statistics file from `apctl precond compute`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Figure to write (.png, .pdf or .svg)."),
+    grid: int = GridOpt,
+    form: str = FormOpt,
+) -> None:
+    """Plot l_σ, s_σ and f, g against CTM's and CM's.
+
+    Panels: l_σ, s_σ, and the coefficients g(σ_max, s), f(σ_max, s) against CTM's and CM's."""
+    if output.suffix not in (".png", ".pdf", ".svg"):
+        raise ApctlError(f"--output must end in .png, .pdf or .svg, got {output}")
+    if grid < 2:
+        raise ApctlError(f"--grid must be at least 2, got {grid}")
+    from apctl.cli.ui import console
+    from apctl.preconditioning.report import plot_coefficients
+    from apctl.preconditioning.statistics import load_statistics
+    from apctl.schedules import karras_sigmas
+
+    stats = load_statistics(stats_file)
+    _check_form(form)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plot_coefficients(stats, output, karras_sigmas(grid), form)
+    console.print(f"figure → {output}")
+
+
+def _check_form(form: str) -> None:
+    if form not in ("backward", "forward"):
+        raise ApctlError(f"--form must be backward or forward, got {form!r}")
+
+
+@app.command("inspect")
+def inspect(
+    stats_file: Path = typer.Argument(..., metavar="STATS", help="Statistics file from `apctl precond compute`."),
+    grid: int = GridOpt,
+    form: str = FormOpt,
+) -> None:
+    """Print l, s and f, g against CTM's and CM's on the grid.
+
+    A table over the Karras grid: l, s, and (f, g) of the single jump t → σ_min and of σ_max → t,
+    for Analytic-Precond, CTM and CM."""
+    if grid < 2:
+        raise ApctlError(f"--grid must be at least 2, got {grid}")
+    _check_form(form)
+    from rich.table import Table
+
+    from apctl.cli.ui import console
+    from apctl.preconditioning.report import coefficient_rows
+    from apctl.preconditioning.statistics import load_statistics
+    from apctl.schedules import karras_sigmas
+
+    stats = load_statistics(stats_file)
+    rows = coefficient_rows(stats, karras_sigmas(grid), form)
+    console.print(f"teacher {stats.teacher_fingerprint}; {len(stats.lam)} λ-levels; settings {stats.settings}")
+    fmt = lambda fg: f"{fg[0]:.4f}, {fg[1]:.4f}"  # noqa: E731
+    table = Table(title=f"(f, g) on the N = {grid} Karras grid, Analytic-Precond {form} form")
+    for col in ("σ", "l", "s", "AP t→σmin", "CTM t→σmin", "CM t→σmin", "AP σmax→t", "CTM σmax→t", "CM σmax→t"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['sigma']:.4g}", f"{r['l']:.4f}", f"{r['s']:+.4f}",
+                      fmt(r["ap_to_min"]), fmt(r["ctm_to_min"]), fmt(r["cm_to_min"]),
+                      fmt(r["ap_from_max"]), fmt(r["ctm_from_max"]), fmt(r["cm_from_max"]))
+    console.print(table)

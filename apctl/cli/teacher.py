@@ -1,0 +1,71 @@
+"""`apctl teacher …`: bring a diffusion teacher into apctl's own format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from apctl.errors import ApctlError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Import diffusion teachers (EDM pickles, apctl safetensors) into apctl's safetensors + JSON format.",
+)
+
+
+@app.callback()
+def _teacher() -> None:
+    """Import diffusion teachers into apctl's safetensors + JSON format."""
+
+
+@app.command("import")
+def import_teacher(
+    file: Path = typer.Argument(..., help="Teacher to import: an NVlabs/edm network pickle (*.pkl) or an "
+                                          "apctl teacher (*.safetensors with its *.json).", metavar="FILE"),
+    output: Path = typer.Option(Path("teacher.safetensors"), "--output", "-o",
+                                help="Weights to write (*.safetensors); the description goes next to it as *.json."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Read FILE without executing anything in it, rebuild and check the network, write OUTPUT and its JSON."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from apctl.teachers.importers import load_teacher, save_teacher, teacher_paths
+
+    if output.suffix not in (".safetensors", ""):
+        raise ApctlError(f"--output must end in .safetensors, got {output}")
+    weights_path, json_path = teacher_paths(output)
+    existing = [str(p) for p in (weights_path, json_path) if p.exists()]
+    if existing and not force:
+        raise ApctlError(f"{' and '.join(existing)} already exist; pass --force to overwrite")
+    if not file.exists():
+        raise ApctlError(f"{file} does not exist")
+    try:
+        same_file = file.resolve() in (weights_path.resolve(), json_path.resolve())
+    except OSError:
+        same_file = False
+    if same_file:
+        raise ApctlError(f"{file} is also the output; choose another --output")
+
+    bundle = load_teacher(file)
+    written = save_teacher(bundle, weights_path)
+
+    console = Console()
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("source", f"{file} ({bundle.source_format})")
+    table.add_row("class", bundle.arch["class_name"] + (f" / {bundle.arch['init_kwargs'].get('model_type')}"
+                                                        if bundle.arch["init_kwargs"].get("model_type") else ""))
+    table.add_row("parameters", f"{bundle.parameter_count:,}")
+    table.add_row("fingerprint", bundle.fingerprint)
+    if bundle.source_sha256:
+        table.add_row("source sha256", bundle.source_sha256)
+    if bundle.module_src_sha256:
+        table.add_row("embedded source", ", ".join(f"{name} {digest[:12]}" for name, digest
+                                                  in sorted(bundle.module_src_sha256.items()))
+                      + "  (hashed, never executed)")
+    table.add_row("wrote", f"{written[0]}\n{written[1]}")
+    console.print(table)

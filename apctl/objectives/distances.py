@@ -1,0 +1,37 @@
+"""Per-sample distances d(a, b) → (B,) between student and target outputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SquaredL2(nn.Module):
+    """d(a, b) = mean_i (a_i − b_i)²  (per dimension, so losses are comparable across data sizes)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).float().pow(2).flatten(1).mean(1)
+
+
+class PseudoHuber(nn.Module):
+    """d(a, b) = √(‖a − b‖²/dim + c²) − c  (Song & Dhariwal 2023, per-dimension scale)."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sq = (a - b).float().pow(2).flatten(1).mean(1)
+        return (sq + self.c ** 2).sqrt() - self.c
+
+
+def build_distance(kind: str, huber_c: float = 0.03, lpips_net: str = "alex", lpips_trunk: str = "") -> nn.Module:
+    if kind == "l2":
+        return SquaredL2()
+    if kind == "pseudo_huber":
+        return PseudoHuber(huber_c)
+    if kind == "lpips":
+        from apctl.objectives.lpips_distance import LPIPSDistance
+
+        return LPIPSDistance(net=lpips_net, trunk_path=lpips_trunk or None)
+    raise ValueError(f"unknown distance {kind!r}")

@@ -1,0 +1,87 @@
+"""The resolved plan of a distillation run, described without loading teacher or data files (`--dry-run`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from apctl.config import Config
+
+
+def _student_parameters(cfg: Config, shape, label_dim: int) -> tuple[str, int | None]:
+    import torch
+
+    from apctl.networks.registry import EDM_PRESET_KWARGS, count_parameters
+
+    if cfg.student.kind == "mlp":
+        from apctl.networks.mlp import TwoTimeMLP
+
+        net = TwoTimeMLP(shape, label_dim, cfg.student.hidden, cfg.student.depth, cfg.student.embed_dim)
+        return f"TwoTimeMLP {cfg.student.depth}×{cfg.student.hidden}", count_parameters(net)
+    from apctl.networks.two_time import TwoTimeDenoiser
+
+    kwargs = dict(EDM_PRESET_KWARGS[cfg.student.network])
+    if cfg.student.network.startswith("tiny"):
+        kwargs.update(img_channels=shape[0], img_resolution=shape[1], label_dim=label_dim)
+    with torch.device("meta"):
+        net = TwoTimeDenoiser.from_init_kwargs(kwargs)
+    teacher_part = count_parameters(net.net)
+    name = f"TwoTimeDenoiser(EDMPrecond/{kwargs['model_type']}, {cfg.student.network})"
+    return f"{name}: {teacher_part:,} teacher + {count_parameters(net) - teacher_part:,} s-embedding", count_parameters(net)
+
+
+def data_shape(cfg: Config) -> tuple[tuple[int, ...], int]:
+    """(per-sample shape, label dim) implied by the config, without reading data files."""
+    from apctl.networks.registry import EDM_PRESET_KWARGS
+
+    t, d = cfg.teacher, cfg.data
+    if t.kind == "gmm":
+        labels = (max(t.classes) + 1) if (t.classes and d.class_conditional) else 0
+        return (len(t.means[0]),), labels
+    if d.kind == "digits":
+        return (1, d.resolution, d.resolution), 10 if d.class_conditional else 0
+    k = EDM_PRESET_KWARGS.get(cfg.student.network, {})
+    return (k.get("img_channels", 3), k.get("img_resolution", d.resolution), k.get("img_resolution", d.resolution)), \
+        (k.get("label_dim", 0) if d.class_conditional else 0)
+
+
+def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, str]]:
+    from apctl.schedules import karras_sigmas
+
+    shape, label_dim = data_shape(cfg)
+    student, _ = _student_parameters(cfg, shape, label_dim)
+    t, d, o, tr, p = cfg.teacher, cfg.data, cfg.objective, cfg.training, cfg.precond
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.kind == "network":
+        exists = "found" if t.file and Path(t.file).is_file() else "NOT FOUND — pass --teacher FILE"
+        teacher = f"EDM network from {t.file or '(unset)'} ({exists})"
+    elif t.kind == "empirical":
+        teacher = f"exact empirical mixture over {d.kind} (bandwidth {t.bandwidth})"
+    else:
+        teacher = f"exact Gaussian mixture, {len(t.means)} components in {len(t.means[0])}-D"
+    if d.kind == "teacher":
+        data = "exact samples of the teacher"
+    else:
+        data = f"{d.kind} {d.path or ''}".strip() + f" ({'x-flip, ' if d.xflip else ''}{'class-conditional' if d.class_conditional else 'unconditional'})"
+    grid = karras_sigmas(o.grid_points)
+    precond = {"analytic": f"Analytic-Precond ({p.form} form, {p.statistics.n_points} λ-points × "
+                           f"{p.statistics.n_samples} samples)", "ctm": "CTM (s/t, 1 − s/t)",
+               "cm": "CM (c_skip/c_out with ε)"}[p.kind]
+    return [
+        ("preset", str(preset_path)),
+        ("output", str(out)),
+        ("teacher", teacher),
+        ("dataset", data),
+        ("data shape", f"{tuple(shape)}, {label_dim or 'no'} classes"),
+        ("student", student),
+        ("objective", f"{o.kind.upper()}, distance {o.distance}" + (f", DSM weight {o.dsm_weight}" if o.kind == "ctm" else "")),
+        ("preconditioning", precond),
+        ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"),
+        ("max teacher Heun steps", str(o.max_teacher_steps if o.kind == "ctm" else 1)),
+        ("optimizer", f"{tr.optimizer}, lr {tr.lr:g}"),
+        ("target EMA μ", f"{o.target_ema:g}"),
+        ("evaluation EMA", f"{tr.ema_decay:g}"),
+        ("iterations", f"{tr.iterations:,}"),
+        ("precision", tr.precision),
+        ("batch", f"{tr.batch_size} global = {world} device(s) × {tr.batch_size // world} per device"),
+    ]

@@ -1,0 +1,84 @@
+"""Few-step sampling from a two-time student, and the teacher's Heun sampler for reference.
+
+CTM γ-sampling (Kim et al. 2024) over decreasing noise levels σ_0 = σ_max > σ_1 > … > σ_n = σ_min:
+
+    x ← σ_max·z
+    for each step n:  s = √(1 − γ²)·(σ_{n+1} − σ_min) + σ_min
+                      x ← G(x, σ_n, s)
+                      x ← x + √(σ_{n+1}² − s²)·ξ        (ξ fresh noise; nothing to add when γ = 0)
+
+γ = 0 is deterministic multi-step jumping (each step lands exactly on σ_{n+1}); γ = 1 jumps to
+σ_min and re-noises, the CM multistep sampler. The number of network evaluations is n.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from apctl.errors import ApctlError
+from apctl.preconditioning.jump import jump
+from apctl.schedules import SIGMA_MAX, SIGMA_MIN, karras_sigmas, snap_to_grid
+from apctl.solvers import heun_solve
+
+
+def default_sigmas(nfe: int, grid: np.ndarray | None = None) -> list[float]:
+    """The documented default σ list for `nfe` steps: a Karras (ρ = 7) schedule of nfe + 1 levels
+    from σ_max to σ_min, with inner levels snapped to the student's training grid when given
+    (a grid-trained student has only seen jumps between grid levels)."""
+    if nfe < 1:
+        raise ApctlError(f"NFE must be at least 1, got {nfe}")
+    sigmas = karras_sigmas(nfe + 1) if nfe >= 1 else np.array([SIGMA_MAX, SIGMA_MIN])
+    if grid is not None and nfe > 1:
+        sigmas[1:-1] = snap_to_grid(sigmas[1:-1], grid)
+        sigmas = np.array(sorted(set(sigmas.tolist()), reverse=True))
+        if len(sigmas) != nfe + 1:
+            raise ApctlError(f"NFE {nfe} needs more distinct levels than the {len(grid)}-point training grid has; "
+                             "pass --sigmas explicitly")
+    return [float(s) for s in sigmas]
+
+
+def check_sigmas(sigmas: Sequence[float]) -> list[float]:
+    sigmas = [float(s) for s in sigmas]
+    if len(sigmas) < 2:
+        raise ApctlError("a σ list needs at least two levels (start and end)")
+    if any(not math.isfinite(s) or s <= 0 for s in sigmas):
+        raise ApctlError(f"σ levels must be positive numbers, got {sigmas}")
+    if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ApctlError(f"σ levels must strictly decrease, got {sigmas}")
+    return sigmas
+
+
+@torch.no_grad()
+def student_sample(net, precond, z: torch.Tensor, sigmas: Sequence[float], labels: torch.Tensor | None = None,
+                   gamma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """CTM γ-sampling from unit noise z (B, *shape) along `sigmas` (see module docstring)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ApctlError(f"gamma must lie in [0, 1], got {gamma}")
+    sigmas = check_sigmas(sigmas)
+    sigma_min = sigmas[-1]
+    x = z * sigmas[0]
+    B = z.shape[0]
+    for now, nxt in zip(sigmas[:-1], sigmas[1:]):
+        s = math.sqrt(1.0 - gamma ** 2) * (nxt - sigma_min) + sigma_min
+        t_b = torch.full((B,), now, dtype=z.dtype, device=z.device)
+        s_b = torch.full((B,), s, dtype=z.dtype, device=z.device)
+        x = jump(precond, net, x, t_b, s_b, labels)
+        renoise = math.sqrt(max(nxt ** 2 - s ** 2, 0.0))
+        if renoise > 0:
+            x = x + renoise * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return x
+
+
+@torch.no_grad()
+def teacher_sample(teacher, z: torch.Tensor, steps: int, labels: torch.Tensor | None = None,
+                   sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, progress=None) -> torch.Tensor:
+    """The teacher's deterministic Heun sampler over a Karras schedule of `steps` steps, σ_max → σ_min
+    (2·steps − 1 network evaluations; EDM's final step to σ = 0 is left out so that the result is
+    comparable with a student's landing at σ_min)."""
+    sigmas = karras_sigmas(steps + 1, sigma_min, sigma_max)
+    x = (z * sigma_max).to(getattr(teacher, "dtype", z.dtype))
+    return heun_solve(teacher, x, sigmas.tolist(), labels, progress=progress).to(z.dtype)

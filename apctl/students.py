@@ -1,0 +1,68 @@
+"""A trained student from a checkpoint: its network, preconditioning, grid and teacher, for sampling and eval."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apctl.checkpoints import Checkpoint, load_checkpoint
+from apctl.config import Config, config_from_dict
+from apctl.errors import ApctlError
+from apctl.preconditioning.build import build_preconditioning
+from apctl.preconditioning.statistics import PrecondStatistics
+from apctl.schedules import karras_sigmas
+
+
+@dataclass
+class TrainedStudent:
+    cfg: Config
+    checkpoint: Checkpoint
+    net: torch.nn.Module
+    precond: object
+    grid: np.ndarray
+    shape: tuple[int, ...]
+    label_dim: int
+
+    def teacher(self):
+        """The run's teacher, rebuilt from its config (needs the teacher and data files for network teachers)."""
+        from apctl.data.sources import load_training_data
+        from apctl.teachers import build_teacher
+
+        teacher = build_teacher(self.cfg, load_training_data(self.cfg) if self.cfg.teacher.kind == "empirical" else None)
+        if teacher.fingerprint() != self.checkpoint.meta.get("teacher_fingerprint"):
+            raise ApctlError(f"the teacher this config describes ({teacher.fingerprint()}) is not the one "
+                             f"{self.checkpoint.path} was distilled from ({self.checkpoint.meta.get('teacher_fingerprint')})")
+        return teacher
+
+
+def load_trained_student(path: str | Path, weights: str = "ema") -> TrainedStudent:
+    """`weights` ∈ {'ema' (evaluation EMA, default), 'student' (raw), 'target' (θ⁻)}."""
+    from apctl.networks.student import build_student
+
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt.meta["config"], source=str(ckpt.path))
+    arch = ckpt.meta["student"]
+    net = build_student(arch)
+    state = ckpt.group(weights)
+    if not state:
+        raise ApctlError(f"{ckpt.path} has no '{weights}' weights")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ApctlError(f"{ckpt.path}: weights do not fit the saved architecture ({str(exc).splitlines()[0]})") from None
+    net.eval().requires_grad_(False)
+    stats = None
+    if cfg.precond.kind == "analytic":
+        p = ckpt.group("precond")
+        stats = PrecondStatistics(p["lam"].double().numpy(), p["l"].double().numpy(), p["s"].double().numpy(),
+                                  ckpt.meta.get("teacher_fingerprint", ""), {})
+    precond = build_preconditioning(cfg, stats)
+    if arch["kind"] == "mlp":
+        shape, label_dim = tuple(arch["shape"]), arch["label_dim"]
+    else:
+        k = arch["init_kwargs"]
+        shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim", 0)
+    return TrainedStudent(cfg, ckpt, net, precond, karras_sigmas(cfg.objective.grid_points), shape, label_dim)

@@ -1,0 +1,1 @@
+"""The distillation run: building its parts from a config, the training loop, checkpoints and resume."""
