@@ -35,6 +35,7 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    threads: int = field(default=0, metadata=_range(0))   # CPU threads for torch; 0 keeps torch's default
 
 
 @dataclass

@@ -146,6 +146,7 @@ def test_edm_pickle_round_trip(variant, nets, tmp_path, marker):
     bundle = load_teacher(path)
     assert bundle.source_format == "edm-pickle"
     assert bundle.arch == {"class_name": type(net).__name__, "init_kwargs": net.init_kwargs}
+    assert "noise_label_scale" not in bundle.arch["init_kwargs"]  # EDM's kwargs, nothing added
     assert not bundle.network.training
     source = net.state_dict()
     imported = bundle.network.state_dict()
@@ -391,18 +392,155 @@ def test_adm_mapping_matches_an_independent_adm_forward():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_adm_state_dict_file_is_recognised_but_refused(tmp_path):
-    adm = adm_state_dict(128, [1, 2], 1, {2}, num_classes=5)
-    path = tmp_path / "edm_imagenet64_ema.pt"
+# A synthetic edm_imagenet64_ema.pt: the reference ADM layout at the smallest width the mapping
+# accepts (128 channels), two levels, attention at 2× downsampling, 5 classes. The file is
+# imported as a 64×64 model (load_teacher's forward check runs at 64×64); the comparisons below
+# feed 8×8 inputs (every layer is resolution-agnostic), which keeps them fast on a CPU.
+ADM_TINY = dict(mc=128, mult=[1, 2], nb=1, attn_ds={2}, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def adm_teacher(tmp_path_factory):
+    cfg = ADM_TINY
+    adm = adm_state_dict(cfg["mc"], cfg["mult"], cfg["nb"], cfg["attn_ds"], num_classes=cfg["num_classes"])
+    path = tmp_path_factory.mktemp("adm") / "edm_imagenet64_ema.pt"
     torch.save(adm, path)
-    with pytest.raises(ApctlError, match="ADM state_dict recognised .* not importable") as exc:
-        load_teacher(path)
-    msg = one_line(exc)
-    assert str(path) in msg and "250" in msg
+    return adm, path, load_teacher(path)
+
+
+def adm_reference_denoiser(adm, x, sigma, y, sigma_data=0.5):
+    """D(x, σ) = c_skip x + c_out F(c_in x, 250 ln σ, y), F the reference ADM, as CTM calls its teacher."""
+    cfg = ADM_TINY
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+    c_out = s * sigma_data / (s ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (s ** 2 + sigma_data ** 2).sqrt()
+    t = 1000 * 0.25 * torch.log(sigma + 1e-44)  # CTM's rescaling_t
+    F = adm_forward(adm, c_in * x, t, y, cfg["mc"], cfg["mult"], cfg["nb"], cfg["attn_ds"])
+    return c_skip * x + c_out * F
+
+
+ADM_SIGMAS = torch.tensor([0.002, 0.05, 0.7, 6.0, 80.0])
+ADM_LABELS = torch.tensor([0, 4, 2, 1, 3])
+
+
+def adm_inputs():
+    gen = torch.Generator().manual_seed(11)
+    noise = torch.randn(len(ADM_SIGMAS), 3, 8, 8, generator=gen)
+    return (0.5 ** 2 + ADM_SIGMAS.reshape(-1, 1, 1, 1) ** 2).sqrt() * noise
+
+
+def test_openai_adm_file_imports_as_the_ctm_teacher_denoiser(adm_teacher, tmp_path):
+    from apctl.networks import EDMPrecond
+
+    adm, path, bundle = adm_teacher
+    net = bundle.network
+    assert bundle.source_format == "openai-adm" and isinstance(net, EDMPrecond) and not net.training
+    assert bundle.source == {"format": "openai-adm", "file": "edm_imagenet64_ema.pt"}
+    assert bundle.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    kw = bundle.arch["init_kwargs"]
+    assert bundle.arch["class_name"] == "EDMPrecond" and kw == net.init_kwargs
+    assert (kw["img_resolution"], kw["img_channels"], kw["label_dim"], kw["model_type"]) == (64, 3, 5, "DhariwalUNet")
+    assert kw["noise_label_scale"] == 1000.0 and kw["sigma_data"] == 0.5 and kw["use_fp16"] is False
+    assert bundle.parameter_count == sum(t.numel() for t in adm.values())
+
+    # the time label is CTM's 1000 * 0.25 * log(sigma + 1e-44), bit for bit
+    sig = torch.exp(torch.linspace(-7, 5, 1001))
+    assert torch.equal(net.scalings(sig)[3], 1000 * 0.25 * torch.log(sig + 1e-44))
+
+    x, labels = adm_inputs(), torch.nn.functional.one_hot(ADM_LABELS, 5).float()
+    with torch.no_grad():
+        ref = adm_reference_denoiser(adm, x, ADM_SIGMAS, ADM_LABELS)
+        out = net(x, ADM_SIGMAS, labels)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        # the same weights with EDM's own label ln(σ)/4 are a different function
+        with torch.device("meta"):
+            edm_label = EDMPrecond(**{**kw, "noise_label_scale": 1.0})
+        assert "noise_label_scale" not in edm_label.init_kwargs
+        edm_label.load_state_dict(net.state_dict(), strict=True, assign=True)
+        c_out = net.scalings(ADM_SIGMAS)[1]
+        off = (edm_label.eval()(x, ADM_SIGMAS, labels) - ref).abs().flatten(1).amax(1) / c_out  # in units of F
+    assert (off > 0.1).all()
+
+    # apctl format round trip keeps the scale (JSON) and the fingerprint
+    weights, meta_path = save_teacher(bundle, tmp_path / "adm.safetensors")
+    meta = json.loads(meta_path.read_text())
+    assert meta["init_kwargs"]["noise_label_scale"] == 1000.0 and meta["source"]["format"] == "openai-adm"
+    again = load_teacher(weights)  # same fingerprint: same weights, same init_kwargs, same function
+    assert again.fingerprint == bundle.fingerprint and again.network.noise_label_scale == 1000.0
+
+
+def test_two_time_student_of_the_imported_adm_teacher(adm_teacher):
+    from apctl.networks import TwoTimeDenoiser
+
+    _, _, bundle = adm_teacher
+    teacher = bundle.network
+    student = TwoTimeDenoiser.from_teacher(teacher).eval()
+    assert student.init_kwargs["noise_label_scale"] == 1000.0
+    s = torch.tensor([0.0, 0.002, 0.5, 3.0, 79.0])
+    # s is labelled like the teacher's t: 250 ln(max(s, s_floor)) goes into the s-embedding
+    expected = 1000 * 0.25 * torch.log(s.clamp_min(student.s_floor))
+    with torch.no_grad():
+        assert torch.equal(student.embed_s(s), student.s_embedding(expected))
+    x, labels = adm_inputs(), torch.nn.functional.one_hot(ADM_LABELS, 5).float()
+    with torch.no_grad():
+        want = teacher(x, ADM_SIGMAS, labels)
+        assert torch.equal(student(x, ADM_SIGMAS, s, labels), want)
+    with torch.device("meta"):
+        resumed = TwoTimeDenoiser.from_init_kwargs(student.init_kwargs)
+    assert resumed.net.noise_label_scale == 1000.0
+    assert set(resumed.state_dict()) == set(student.state_dict())
+
+
+def test_noise_label_scale_adds_nothing_by_default(nets):
+    """EDM pickles' kwargs stay as they were (the round trips above also check this, see `VARIANTS`)."""
+    from apctl.networks import EDMPrecond
+    from apctl.teachers.importers import _positional_to_kwargs
+
+    net = nets["tiny-adm-16"]
+    kw = dict(net.init_kwargs)
+    assert "noise_label_scale" not in kw and net.noise_label_scale == 1.0
+    with torch.device("meta"):
+        assert EDMPrecond(**kw).init_kwargs == kw
+        assert EDMPrecond(**kw, noise_label_scale=1).init_kwargs == kw
+        scaled = EDMPrecond(**kw, noise_label_scale=1000)
+    assert scaled.init_kwargs == {**kw, "noise_label_scale": 1000.0}
+    assert {k: tuple(v.shape) for k, v in scaled.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    sigma = torch.tensor([0.02, 1.0, 40.0])
+    assert torch.equal(net.scalings(sigma)[3], sigma.log() / 4)
+    assert torch.equal(scaled.scalings(sigma)[3], 250 * sigma.log())
+    for bad in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="noise_label_scale"), torch.device("meta"):
+            EDMPrecond(**kw, noise_label_scale=bad)
+    # EDM's positional constructor arguments still bind as in EDM (the new argument is keyword-only)
+    names = ["img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max", "sigma_data",
+             "model_type"]
+    rest = {k: v for k, v in kw.items() if k not in names}
+    assert _positional_to_kwargs("EDMPrecond", tuple(kw[n] for n in names), rest) == kw
+
+
+def test_adm_layouts_apctl_cannot_express_are_refused(tmp_path):
+    adm = adm_state_dict(128, [1, 2], 1, {2}, num_classes=5)
     broken = dict(adm)
     broken["input_blocks.1.0.op.weight"] = torch.zeros(1)
     with pytest.raises(ApctlError, match="convolutional resampling"):
         adm_to_dhariwal_state_dict(broken)
+    student = dict(adm)
+    student["time_embed_s.0.weight"] = adm["time_embed.0.weight"]
+    path = tmp_path / "ctm_student.pt"
+    torch.save(student, path)
+    with pytest.raises(ApctlError, match="CTM student") as exc:
+        load_teacher(path)
+    assert str(path) in one_line(exc)
+    learned_sigma = dict(adm)
+    learned_sigma["out.2.weight"] = torch.cat([adm["out.2.weight"]] * 2)
+    learned_sigma["out.2.bias"] = torch.cat([adm["out.2.bias"]] * 2)
+    path = tmp_path / "learned_sigma.pt"
+    torch.save(learned_sigma, path)
+    with pytest.raises(ApctlError, match="learned sigma") as exc:
+        load_teacher(path)
+    assert str(path) in one_line(exc)
 
 
 # --- CLI --------------------------------------------------------------------------------------

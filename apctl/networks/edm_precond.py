@@ -7,7 +7,12 @@
 | VPPrecond    | 1                 | −σ                   | 1/√(σ²+1)            | (M−1) · σ⁻¹_VP(σ)        |
 | VEPrecond    | 1                 | σ                    | 1                    | log(σ/2)                 |
 | iDDPMPrecond | 1                 | −σ                   | 1/√(σ²+1)            | M−1−argmin_j |u_j − σ|   |
-| EDMPrecond   | σ_d²/(σ²+σ_d²)    | σ·σ_d/√(σ²+σ_d²)     | 1/√(σ²+σ_d²)         | ln(σ)/4                  |
+| EDMPrecond   | σ_d²/(σ²+σ_d²)    | σ·σ_d/√(σ²+σ_d²)     | 1/√(σ²+σ_d²)         | k · ln(σ)/4              |
+
+k is EDMPrecond's `noise_label_scale` (1 in EDM; 1000 for OpenAI's EDM-trained ADM checkpoints,
+which consistency_models / CTM feed `1000 * 0.25 * log(sigma)`). It is a constant of the
+function, not a parameter: the state_dict does not change, and `init_kwargs` records it only
+when it is not 1, so EDM pickles' `_init_kwargs` round-trip unchanged.
 
 Constructor arguments and `forward` follow NVlabs/edm so an EDM pickle's `_init_kwargs` build the
 same module; the UNet lives in `self.model`, so state-dict keys are `model.…`. Each instance keeps
@@ -20,6 +25,7 @@ to the UNet unchanged.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -97,16 +103,23 @@ class EDMPrecond(_Precond):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-                 model_type: str = "DhariwalUNet", **model_kwargs):
+                 model_type: str = "DhariwalUNet", *, noise_label_scale: float = 1.0, **model_kwargs):
         super().__init__()
+        # Keyword-only and after model_type, so EDM's positional constructor arguments bind as in EDM.
+        noise_label_scale = float(noise_label_scale)
+        if not (math.isfinite(noise_label_scale) and noise_label_scale > 0):
+            raise ValueError(f"noise_label_scale must be a positive finite number, got {noise_label_scale!r}")
         self._init_common(img_resolution, img_channels, label_dim, use_fp16)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
         self.model_type = model_type
+        self.noise_label_scale = noise_label_scale
         self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                                 use_fp16=use_fp16, sigma_min=sigma_min, sigma_max=sigma_max,
                                 sigma_data=sigma_data, model_type=model_type, **copy.deepcopy(model_kwargs))
+        if noise_label_scale != 1.0:  # recorded only when set, so EDM's kwargs round-trip unchanged
+            self.init_kwargs["noise_label_scale"] = noise_label_scale
         self.model = build_unet(model_type, img_resolution=img_resolution, in_channels=img_channels,
                                 out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
@@ -114,7 +127,10 @@ class EDMPrecond(_Precond):
         """(c_skip, c_out, c_in, c_noise) at σ, each shaped like σ.
 
             c_skip = σ_d² / (σ² + σ_d²)     c_out   = σ σ_d / √(σ² + σ_d²)
-            c_in   = 1 / √(σ² + σ_d²)       c_noise = ln(σ) / 4
+            c_in   = 1 / √(σ² + σ_d²)       c_noise = k · ln(σ) / 4,  k = noise_label_scale
+
+        With k = 1000, c_noise is bit-for-bit `1000 * 0.25 * log(sigma)` in float32 (ln σ / 4 is
+        exact, so both round the same product once).
         """
         sigma = torch.as_tensor(sigma)
         sd = self.sigma_data
@@ -122,6 +138,9 @@ class EDMPrecond(_Precond):
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
+        scale = getattr(self, "noise_label_scale", 1.0)
+        if scale != 1.0:
+            c_noise = c_noise * scale
         return c_skip, c_out, c_in, c_noise
 
 

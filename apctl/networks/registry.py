@@ -112,6 +112,9 @@ EDM_PRESET_KWARGS: dict[str, dict[str, Any]] = {
                              num_blocks=1, attn_resolutions=[8], dropout=0.0),
     "tiny-songunet-16-uncond": _edm(16, 0, **{**_DDPMPP, "model_channels": 32, "channel_mult": [1, 2]},
                                     num_blocks=1, attn_resolutions=[8], dropout=0.0),
+    # The CPU image preset's student (digits-img): a quarter of tiny-songunet-16's convolution cost.
+    "cpu-songunet-16": _edm(16, 10, **{**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2]},
+                            num_blocks=1, attn_resolutions=[8], dropout=0.0),
     "tiny-adm-16": _edm(16, 10, model_type="DhariwalUNet", model_channels=32, channel_mult=[1, 2],
                         num_blocks=1, attn_resolutions=[8], dropout=0.0),
 }

@@ -69,8 +69,11 @@ class TwoTimeDenoiser(nn.Module):
     s-embedding's under `s_embedding.` (`layer0.*`, `layer1.*`, and `embed.freqs` for NCSN++).
     `student.net.load_state_dict(teacher.state_dict(), strict=True)` loads a teacher's weights.
 
-    `s` is clamped to at least `s_floor` before ln(s)/4 is embedded, so s = 0 (the clean end of
-    the trajectory) is a valid target time. `t` must be positive, as for the teacher.
+    `s` is clamped to at least `s_floor` before c_noise(s) = k·ln(s)/4 is embedded, so s = 0 (the
+    clean end of the trajectory) is a valid target time. k is the base's `noise_label_scale`
+    (taken from `self.net.scalings`), so s is labelled exactly as the teacher labels t (k = 1000,
+    250·ln s, for OpenAI's ADM teachers, as CTM's `time_embed_s` input). `t` must be positive, as
+    for the teacher.
     """
 
     def __init__(self, base: EDMPrecond, *, copy_base: bool = True, s_floor: float = 1e-4):
@@ -142,7 +145,7 @@ class TwoTimeDenoiser(nn.Module):
 
     # ---- the function ----------------------------------------------------------------------
     def embed_s(self, s: torch.Tensor) -> torch.Tensor:
-        """E(c_noise(max(s, s_floor))), shape [B, emb_channels]."""
+        """E(c_noise(max(s, s_floor))), shape [B, emb_channels]; c_noise is the base's (scale included)."""
         s = s.to(torch.float32).reshape(-1).clamp_min(self.s_floor)
         c_noise_s = self.net.scalings(s)[3]
         return self.s_embedding(c_noise_s)

@@ -60,7 +60,15 @@ class _GridObjective:
         return x
 
     def to_sigma_min(self, net, x, s, labels):
-        return jump(self.precond, net, x, s, torch.full_like(s, self.sigma_min), labels)
+        """G(x, s, σ_min); rows already at σ_min are returned as they are (G(x, s, s) = x)."""
+        rows = (s > self.sigma_min).nonzero().squeeze(1)
+        if len(rows) == len(s):
+            return jump(self.precond, net, x, s, torch.full_like(s, self.sigma_min), labels)
+        out = x.clone()
+        if len(rows):
+            y = None if labels is None else labels[rows]
+            out[rows] = jump(self.precond, net, x[rows], s[rows], torch.full_like(s[rows], self.sigma_min), y)
+        return out
 
 
 class CTMObjective(_GridObjective):

@@ -8,11 +8,59 @@ Accepted inputs (recognised by content, not by file name):
 * ``apctl``: `teacher.safetensors` + `teacher.json` written by `save_teacher`. Either file may be
   given; the other must sit next to it with the same stem.
 * ``openai-adm``: a plain torch state_dict of OpenAI's guided-diffusion `UNetModel` trained with
-  EDM's preconditioning (CTM's ImageNet-64 teacher `edm_imagenet64_ema.pt`). It is recognised and
-  its weights can be mapped onto `DhariwalUNet` (`adm_to_dhariwal_state_dict`), but importing it
-  as an apctl teacher is refused: OpenAI's code feeds the UNet c_noise = 250·ln σ
-  (`1000 * 0.25 * log(sigma)`) while EDMPrecond feeds 0.25·ln σ into a fixed (unlearned)
-  positional embedding, so no weight mapping makes EDMPrecond compute the same function.
+  EDM's preconditioning (CTM's ImageNet-64 teacher `edm_imagenet64_ema.pt`, loaded with
+  `torch.load(weights_only=True)`). Its weights are mapped onto `DhariwalUNet`
+  (`adm_to_dhariwal_state_dict`) and it becomes `EDMPrecond(img_resolution=64,
+  model_type='DhariwalUNet', sigma_data=0.5, noise_label_scale=1000, ...)`, loaded with
+  `strict=True` and forward-checked. `noise_label_scale=1000` makes EDMPrecond feed the UNet
+  c_noise = 1000·¼·ln σ = 250·ln σ, the time label OpenAI/CTM use (a 1000× factor inside the
+  fixed positional embedding's cos/sin that no weight mapping could absorb).
+
+  What was checked against sony/ctm's code (read, not copied: `code/cm/karras_diffusion.py`,
+  `unet.py`, `nn.py`, `script_util.py` at ff12be7e; `code/cm_train.py` at 2e40d9c8;
+  `code/cm/image_datasets.py` at b62096cd; `code/cmd/ImageNet64/cmd-AWS/M20_w1.sh` at 3e3ccf6b):
+
+  - The teacher is `UNetModel` built by `create_model` with CTM's ImageNet-64 options
+    (`--teacher_model_path=.../edm_imagenet64_ema.pt --class_cond=True --num_classes=1000`;
+    192 channels, channel_mult (1, 2, 3, 4), 3 res blocks, attention at 32/16/8, 64 channels
+    per head, use_scale_shift_norm, resblock_updown, learn_sigma=False, training_mode='teacher',
+    so no time_embed_s / emb_layers_s) and loaded with a plain strict `load_state_dict` of the
+    file: the file is a bare state_dict with those keys.
+  - Teacher call (`get_denoised_and_G(..., ctm=False, teacher=True)`):
+    `model(c_in * x, rescaling_t(σ), s=None, teacher=True, y=y)` with
+    `rescaling_t(σ) = 1000 * 0.25 * log(σ + 1e-44)`, `c_in = 1/√(σ² + σ_d²)`, and EDM's
+    `c_skip = σ_d²/(σ² + σ_d²)`, `c_out = σ σ_d/√(σ² + σ_d²)`; D = c_skip x + c_out F.
+    σ_d = `args.sigma_data` = 0.5 (CTM's default; the ImageNet-64 command read does not set it).
+    For σ ≥ ~1e-37 the 1e-44 vanishes in float32 (CTM never calls the teacher at σ = 0), and
+    fl(1000·(ln σ/4)) = fl(250·ln σ) exactly, so the time label is bit-identical.
+  - Time embedding `timestep_embedding`: [cos(t ω), sin(t ω)], ω_i = exp(−ln(10⁴) i/half),
+    i < half = model_channels/2 — the same function as DhariwalUNet's PositionalEmbedding
+    (max_positions 10⁴, endpoint False); float32 rounding of ω differs in the last bit.
+  - Class labels: `y` is an int64 [N] tensor, `label_emb = nn.Embedding(1000, 4·192)` added to
+    the time embedding before the blocks' SiLU; DhariwalUNet's `map_label` (Linear without bias
+    on a one-hot row) is the same map, so apctl labels must be one-hot rows. CTM's loader
+    numbers classes by the sorted synset-id file-name prefixes (guided-diffusion's convention).
+  - Attention: `AttentionBlock` defaults to `attention_type='flash'` (create_model does not
+    override it) and `QKVFlashAttention` reads the qkv conv's output rows as
+    `(three, heads, 64)` ("b (three h d) s -> b s three h d"), softmax scale 1/√64; that is the
+    layout `adm_to_dhariwal_state_dict` assumes. The other ordering (`QKVAttentionLegacy`,
+    (heads, three, d)) is known to give broken samples with the released checkpoints (sony/ctm
+    issue #5, openai/consistency_models PR #37). GroupNorm is 32 groups, eps 1e-5, in float32.
+
+  Assumed, not verifiable without the file or OpenAI's training run:
+  - that `edm_imagenet64_ema.pt` really is the 64×64 model above (the resolution is not in the
+    weights; apctl assumes 64 for every ADM state_dict) and was trained with flash attention's
+    qkv layout (only its loading/usage in CTM and the reports above say so);
+  - that OpenAI trained it with the same class numbering as CTM's loader (sorted synset ids);
+  - that a file given to apctl is that checkpoint: any ADM state_dict the mapping accepts is
+    imported this way (CTM students with `time_embed_s`, learned sigma, conv resampling, no
+    scale-shift norm, < 128-channel GroupNorms are refused; the layout and resolution are not
+    otherwise checked against the 192-channel ImageNet-64 configuration);
+  - CTM runs the teacher in fp16 on GPU (`convert_to_fp16`, flash attention needs fp16); apctl
+    runs it in float32 (use_fp16=False), so outputs differ from CTM's by fp16 rounding only;
+  - sigma_min/sigma_max are left at EDM's EDMPrecond defaults (0, inf); CTM samples in
+    [0.002, 80]. Unconditional use (labels=None → a zero label row) is a function the ADM
+    teacher never computed.
 
 apctl format (format_version 1):
 
@@ -54,12 +102,17 @@ __all__ = [
     "arch_json",
     "detect_format",
     "adm_to_dhariwal_state_dict",
+    "adm_edm_precond_kwargs",
 ]
 
 FORMAT_VERSION = 1
 ACCEPTED_FORMATS = ("EDM network pickle (*.pkl)", "apctl teacher (*.safetensors + *.json)",
-                    "OpenAI ADM state_dict (edm_imagenet64_ema.pt; recognised, not importable)")
+                    "OpenAI EDM-trained ADM state_dict (edm_imagenet64_ema.pt)")
 _ACCEPTED = "; ".join(ACCEPTED_FORMATS)
+# OpenAI's EDM-trained ADM checkpoints: what the weights do not record.
+ADM_IMG_RESOLUTION = 64          # edm_imagenet64_ema.pt
+ADM_NOISE_LABEL_SCALE = 1000.0   # c_noise = 1000 * 0.25 * ln(sigma)
+ADM_SIGMA_DATA = 0.5
 # A legacy torch.save file starts with its magic number pickled at protocol 2.
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -70,12 +123,13 @@ class TeacherBundle:
 
     network:       the rebuilt apctl module (eval mode, CPU).
     arch:          {"class_name": str, "init_kwargs": dict}, enough for `build_network`.
-    source_format: "edm-pickle" | "apctl".
+    source_format: "edm-pickle" | "apctl" | "openai-adm".
     fingerprint:   see the module docstring.
     source:        {"format", "file"} of the file originally imported (kept across re-saves).
     source_sha256: sha256 of that original file's bytes.
     module_src_sha256: class name → sha256 of the source an EDM pickle embedded (never executed).
-    extras:        format-specific details (EDM: loss_fn, augment_pipe, dataset_kwargs, …).
+    extras:        format-specific details (EDM: loss_fn, augment_pipe, dataset_kwargs, …;
+                   OpenAI ADM: the detected UNet layout and the time label used).
     """
 
     network: Any
@@ -383,20 +437,75 @@ def _load_torch_file(path: Path) -> TeacherBundle:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if isinstance(obj, dict) and any(isinstance(k, str) and k.startswith("input_blocks.") for k in obj):
-        try:
-            config, _ = adm_to_dhariwal_state_dict(obj)  # validates the layout; raises on anything odd
-        except ApctlError as exc:
-            raise ApctlError(f"{path}: {exc}") from None
-        raise ApctlError(
-            f"{path}: OpenAI ADM state_dict recognised ({config['model_channels']} channels, "
-            f"channel_mult {config['channel_mult']}, {config['label_dim']} classes) but not importable: "
-            "OpenAI/CTM feed the UNet c_noise = 250*ln(sigma) while EDMPrecond feeds ln(sigma)/4 into a "
-            "fixed positional embedding, so no weight mapping reproduces it")
+        return _load_openai_adm(path, obj)
     raise _unknown(path, "a torch file that is neither an EDM pickle nor an ADM state_dict")
 
 
+def adm_edm_precond_kwargs(unet_kwargs: Mapping[str, Any]) -> dict:
+    """EDMPrecond init_kwargs for an OpenAI EDM-trained ADM whose DhariwalUNet kwargs are `unet_kwargs`.
+
+    σ_d = 0.5, c_noise = 1000·¼·ln σ (`noise_label_scale=1000`), float32 (see the module docstring).
+    """
+    unet = dict(unet_kwargs)
+    if unet.pop("in_channels") != unet.pop("out_channels"):
+        raise ApctlError("ADM state_dict: EDMPrecond needs as many output channels as input channels")
+    return dict(img_resolution=unet.pop("img_resolution"), img_channels=unet_kwargs["in_channels"],
+                label_dim=unet.pop("label_dim"), use_fp16=False, sigma_min=0, sigma_max=float("inf"),
+                sigma_data=ADM_SIGMA_DATA, model_type="DhariwalUNet", noise_label_scale=ADM_NOISE_LABEL_SCALE,
+                **unet)
+
+
+def _adm_buffers(init_kwargs: Mapping[str, Any]) -> dict:
+    """The constant buffers DhariwalUNet has and ADM files lack: the 2× resample filters.
+
+    ADM resamples by 2×2 average pooling and nearest-neighbour upsampling, which is
+    DhariwalUNet's FIR filter f fᵀ/(Σf)² with f = (1, 1): a [1, 1, 2, 2] kernel of 1/4.
+    """
+    import torch
+
+    from apctl.networks import build_network
+
+    skeleton = build_network("EDMPrecond", init_kwargs, device="meta")
+    params = {name for name, _ in skeleton.named_parameters()}
+    out = {}
+    for name, value in skeleton.state_dict().items():
+        if name in params:
+            continue
+        if not name.endswith(".resample_filter") or tuple(value.shape) != (1, 1, 2, 2):
+            raise ApctlError(f"ADM state_dict: DhariwalUNet buffer {name} {list(value.shape)} has no ADM "
+                             "counterpart")
+        out[name] = torch.full((1, 1, 2, 2), 0.25)
+    return out
+
+
+def _load_openai_adm(path: Path, adm: Mapping[str, Any]) -> TeacherBundle:
+    what = f"OpenAI ADM state_dict {path}"
+    try:
+        unet_kwargs, mapped = adm_to_dhariwal_state_dict(adm, img_resolution=ADM_IMG_RESOLUTION)
+        init_kwargs = adm_edm_precond_kwargs(unet_kwargs)
+        state_dict = {f"model.{name}": t for name, t in mapped.items()}
+        state_dict.update(_adm_buffers(init_kwargs))
+    except ApctlError as exc:
+        raise ApctlError(f"{path}: {exc}") from None
+    network = _build_and_load("EDMPrecond", init_kwargs, state_dict, what)
+    arch = {"class_name": "EDMPrecond", "init_kwargs": dict(network.init_kwargs)}
+    layout = {k: unet_kwargs[k] for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions",
+                                           "label_dim")}
+    return TeacherBundle(
+        network=network,
+        arch=arch,
+        source_format="openai-adm",
+        fingerprint=compute_fingerprint(network.state_dict(), arch),
+        source={"format": "openai-adm", "file": path.name},
+        source_sha256=_sha256_file(path),
+        extras={"adm_layout": layout, "time_label": "1000 * 0.25 * ln(sigma)",
+                "assumed_img_resolution": ADM_IMG_RESOLUTION},
+    )
+
+
 def load_teacher(path: str | Path) -> TeacherBundle:
-    """Load a teacher from an EDM pickle or an apctl .safetensors/.json pair (see module docstring)."""
+    """Load a teacher from an EDM pickle, an apctl .safetensors/.json pair or an OpenAI EDM-trained
+    ADM state_dict (see the module docstring)."""
     path = Path(path)
     if path.is_dir():
         raise ApctlError(f"{path} is a directory; give a teacher file ({_ACCEPTED})")

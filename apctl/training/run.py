@@ -129,6 +129,8 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
     device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
 
     # Only rank 0 estimates statistics; the others then read its cache.
     stats_cache = run_dir / "precond_stats.safetensors"
