@@ -128,6 +128,9 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
+        if latest is None:
+            # A fresh run: logs of an earlier attempt that never reached a checkpoint are stale.
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -192,6 +195,13 @@ def _autocast(run: Run):
     return torch.autocast(run.device.type, dtype=dtype)
 
 
+def _log(run: Run, path: Path, logs: dict) -> None:
+    run.history.append(logs)
+    if distributed.is_main():
+        with open(path, "a") as fh:
+            fh.write(json.dumps(logs) + "\n")
+
+
 def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
     """Run the loop from `run.step` to `training.iterations`, checkpointing along the way.
 
@@ -209,6 +219,8 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
         model = torch.nn.parallel.DistributedDataParallel(run.student)
     scaler = torch.amp.GradScaler(run.device.type, enabled=tc.precision == "fp16")
     metrics_path = run.run_dir / "metrics.jsonl"
+    if probe is not None and tc.eval_every and run.step == 0:
+        _log(run, metrics_path, dict(probe(run), step=0))
     reporter.start(run.step, tc.iterations)
     clock, last_logged = time.perf_counter(), run.step
     logs: dict[str, float] = {}
@@ -237,10 +249,7 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
             clock, last_logged = now, run.step
             if evaluate:
                 logs.update(probe(run))
-            if distributed.is_main():
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(logs) + "\n")
-            run.history.append(logs)
+            _log(run, metrics_path, logs)
         reporter.step(run.step, logs)
         if run.step % tc.checkpoint_every == 0 and run.step < tc.iterations:
             save(run, logs)
