@@ -71,14 +71,20 @@ class GaussianMixtureTeacher:
             raise ValueError(f"shape {self.shape} does not hold d = {d} values")
         self.dim = d
         self.name = name
+        # Built here, not lazily: construction converts through numpy, which a torch.func transform forbids.
+        self._per_class: dict[int, GaussianMixtureTeacher] = {}
+        if self.classes is not None:
+            for c in torch.unique(self.classes).tolist():
+                mask = self.classes == c
+                self._per_class[c] = GaussianMixtureTeacher(self.means[mask], self.variances[mask].sqrt(),
+                                                            self.log_weights[mask].exp(), shape=self.shape)
 
     # --- interface shared with network teachers -------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.denoise(x, sigma, labels)
 
     def denoise(self, x, sigma, labels=None):
-        flat, t = self._flatten(x, sigma)
-        return self._posterior(flat, t, labels).D.reshape(x.shape).to(x.dtype)
+        return self._by_class("_denoise", x, sigma, labels)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -92,19 +98,72 @@ class GaussianMixtureTeacher:
     # --- exact derivatives ------------------------------------------------------------------------
     def jacobian_trace(self, x, sigma, labels=None) -> torch.Tensor:
         """tr ∇_x D(x, σ), per sample, in the variance form of the math note §4.3."""
-        flat, t = self._flatten(x, sigma)
-        return self._trace_terms(flat, t, self._posterior(flat, t, labels))
+        return self._by_class("_jacobian_trace", x, sigma, labels)
 
     def jvp(self, x, sigma, u, labels=None) -> torch.Tensor:
         """∇_x D(x, σ)·u."""
-        flat, t = self._flatten(x, sigma)
-        p = self._posterior(flat, t, labels)
-        return self._jacobian_vector(flat, t, p, u.reshape(flat.shape).to(torch.float64)).reshape(x.shape)
+        return self._by_class("_jvp", x, sigma, labels, u)
 
     def total_derivative(self, x, sigma, labels=None) -> torch.Tensor:
         """dD/dλ along the PF-ODE: ∇D·(D − x) − t·∂_t D, with λ = −ln t."""
+        return self._by_class("_total_derivative", x, sigma, labels)
+
+    # --- class conditioning: each sample sees only its class's components --------------------------
+    def class_indices(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class index per sample from one-hot rows (B, C) or integer labels (B,); anything else is refused."""
+        if labels.dim() == 1 and not labels.is_floating_point():
+            classes = labels.long()
+        elif labels.dim() == 2 and labels.shape[1] == self.label_dim:
+            classes = labels.argmax(dim=1)
+            if not torch.equal(labels.double(), torch.nn.functional.one_hot(classes, self.label_dim).double()):
+                raise ValueError("labels must be one-hot rows")
+        else:
+            raise ValueError(f"labels must be one-hot (B, {self.label_dim}) or integer (B,), got shape {tuple(labels.shape)}")
+        if len(classes) and (classes.min() < 0 or classes.max() >= self.label_dim):
+            raise ValueError(f"class labels must lie in 0 … {self.label_dim - 1}")
+        return classes
+
+    def _class_teacher(self, c: int) -> "GaussianMixtureTeacher":
+        if c not in self._per_class:
+            raise ValueError(f"no mixture component has class {c}")
+        return self._per_class[c]
+
+    def _by_class(self, method: str, x, sigma, labels, *extra):
+        """Apply an unconditional method, to all components or, per class, to that class's components.
+
+        Conditioning on y restricts the mixture to the components of class y (weights renormalised),
+        so grouping the batch by class costs K/C per sample instead of K.
+        """
+        if labels is None or self.classes is None:
+            return getattr(self, method)(x, sigma, *extra)
+        classes = self.class_indices(labels)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        outputs, order = [], []
+        for c in torch.unique(classes).tolist():
+            rows = (classes == c).nonzero().squeeze(1)
+            sub = self._class_teacher(c)
+            outputs.append(getattr(sub, method)(x[rows], sigma[rows], *(e[rows] for e in extra)))
+            order.append(rows)
+        inverse = torch.argsort(torch.cat(order))
+        return torch.cat(outputs)[inverse]
+
+    # --- unconditional implementations --------------------------------------------------------------
+    def _denoise(self, x, sigma):
         flat, t = self._flatten(x, sigma)
-        p = self._posterior(flat, t, labels)
+        return self._posterior(flat, t).D.reshape(x.shape).to(x.dtype)
+
+    def _jacobian_trace(self, x, sigma):
+        flat, t = self._flatten(x, sigma)
+        return self._trace_terms(flat, t, self._posterior(flat, t))
+
+    def _jvp(self, x, sigma, u):
+        flat, t = self._flatten(x, sigma)
+        p = self._posterior(flat, t)
+        return self._jacobian_vector(flat, t, p, u.reshape(flat.shape).to(torch.float64)).reshape(x.shape)
+
+    def _total_derivative(self, x, sigma):
+        flat, t = self._flatten(x, sigma)
+        p = self._posterior(flat, t)
         along = self._jacobian_vector(flat, t, p, p.D - flat)
         return (along - t[:, None] * self._time_partial(flat, t, p)).reshape(x.shape)
 
@@ -112,7 +171,8 @@ class GaussianMixtureTeacher:
         """Exact samples x_0, shape (n, *shape); with integer `labels` (n,), drawn from those classes."""
         logits = self.log_weights.expand(n, -1).clone()
         if labels is not None:
-            logits = logits + self._class_mask(torch.nn.functional.one_hot(labels, self.label_dim).double())
+            member = self.class_indices(labels)[:, None] == self.classes[None, :]
+            logits = logits.masked_fill(~member, -math.inf)
         k = torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
         noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (self.means[k] + self.variances[k].sqrt() * noise).reshape(n, *self.shape)
@@ -122,11 +182,6 @@ class GaussianMixtureTeacher:
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         t = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
         return flat, t
-
-    def _class_mask(self, labels: torch.Tensor) -> torch.Tensor:
-        """log 1[class(k) = y]: 0 for the sample's own class, −inf otherwise (labels one-hot (B, C))."""
-        member = labels.to(torch.float64) @ torch.nn.functional.one_hot(self.classes, self.label_dim).double().T
-        return torch.where(member > 0, 0.0, -math.inf)
 
     def _groups(self, t):
         """Rows sharing one σ: the per-component variances v_k = c_k² + σ² are then one (K, d) matrix."""
@@ -143,11 +198,9 @@ class GaussianMixtureTeacher:
         dist2 = ((x ** 2).sum(1, keepdim=True) - 2 * x @ self.means.T + self._sq_means).clamp_min(0)
         return v, t[:, None] ** 2 / v, dist2
 
-    def _posterior_iso(self, x, t, labels) -> _Posterior:
+    def _posterior_iso(self, x, t) -> _Posterior:
         v, beta, dist2 = self._iso(x, t)
         log_r = self.log_weights - 0.5 * self.dim * v.log() - 0.5 * dist2 / v
-        if labels is not None and self.classes is not None:
-            log_r = log_r + self._class_mask(labels)
         r = torch.softmax(log_r, dim=1)
         rb = r * beta
         return _Posterior(r, x - x * rb.sum(1, keepdim=True) + rb @ self.means)
@@ -178,9 +231,9 @@ class GaussianMixtureTeacher:
         return mix - 2 * tb * (x * rc.sum(1, keepdim=True) - rc @ self.means)
 
     # --- general diagonal components: rows grouped by σ, (K, d) variances per group -----------------
-    def _posterior(self, x, t, labels) -> _Posterior:
+    def _posterior(self, x, t) -> _Posterior:
         if self.isotropic:
-            return self._posterior_iso(x, t, labels)
+            return self._posterior_iso(x, t)
         r = torch.empty(x.shape[0], self.means.shape[0], dtype=torch.float64)
         D = torch.empty_like(x)
         for value, rows in self._groups(t):
@@ -189,8 +242,6 @@ class GaussianMixtureTeacher:
             inv_v = 1.0 / v
             quad = (xs ** 2) @ inv_v.T - 2.0 * xs @ (self.means * inv_v).T + (self.means ** 2 * inv_v).sum(1)
             log_r = self.log_weights - 0.5 * v.log().sum(1) - 0.5 * quad         # (B, K)
-            if labels is not None and self.classes is not None:
-                log_r = log_r + self._class_mask(labels[rows])
             r[rows] = torch.softmax(log_r, dim=1)
             beta = value ** 2 * inv_v
             D[rows] = xs - xs * (r[rows] @ beta) + r[rows] @ (beta * self.means)
