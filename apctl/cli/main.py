@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
 from apctl.cli import distill, evaluate, precond, sample, teacher
 from apctl.errors import ApctlError
+
+# torch.func imports a module that warns about torch.jit.script at import time; it is not ours to fix.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
 app = typer.Typer(
     name="apctl",

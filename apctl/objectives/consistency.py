@@ -19,7 +19,6 @@ stop-gradient EMA target network. Each objective returns (mean loss, logs).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

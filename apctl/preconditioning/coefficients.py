@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
-from scipy.interpolate import CubicSpline, PchipInterpolator, make_interp_spline
+from scipy.interpolate import CubicSpline, make_interp_spline
 
 from apctl.errors import ApctlError
 from apctl.schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, c_skip

@@ -31,7 +31,7 @@ def default_sigmas(nfe: int, grid: np.ndarray | None = None) -> list[float]:
     (a grid-trained student has only seen jumps between grid levels)."""
     if nfe < 1:
         raise ApctlError(f"NFE must be at least 1, got {nfe}")
-    sigmas = karras_sigmas(nfe + 1) if nfe >= 1 else np.array([SIGMA_MAX, SIGMA_MIN])
+    sigmas = karras_sigmas(nfe + 1)
     if grid is not None and nfe > 1:
         sigmas[1:-1] = snap_to_grid(sigmas[1:-1], grid)
         sigmas = np.array(sorted(set(sigmas.tolist()), reverse=True))

@@ -605,8 +605,6 @@ def adm_to_dhariwal_state_dict(adm: Mapping[str, Any], img_resolution: int = 64,
     recorded in ADM weights and must be given. Raises ApctlError for layouts DhariwalUNet cannot
     express (conv resampling, no scale-shift norm, learned sigma, fewer than 128 channels, …).
     """
-    import torch
-
     used: set[str] = set()
 
     def get(key: str):
