@@ -16,14 +16,21 @@ TeacherOpt = typer.Option(None, "--teacher", metavar="FILE",
 DataOpt = typer.Option(None, "--data", metavar="PATH", help="Data set path (CIFAR-10 archive, EDM zip or folder).")
 
 
+def _toml_string(path: Path) -> str:
+    import json
+
+    return json.dumps(str(path.expanduser().absolute()))
+
+
 def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optional[Path] = None,
                    data: Optional[Path] = None):
     """Preset + --teacher/--data (shorthands for teacher.file / data.path) + --set, validated once."""
     from apctl.config import load_config
 
+    # Absolute paths, so that `sample` and `eval` find the files from any working directory.
     extra = []
     if teacher is not None:
-        extra += ['teacher.kind="network"', f"teacher.file={str(teacher)!r}"]
+        extra += ['teacher.kind="network"', f"teacher.file={_toml_string(teacher)}"]
     if data is not None:
-        extra += [f"data.path={str(data)!r}"]
+        extra += [f"data.path={_toml_string(data)}"]
     return load_config(preset, extra + list(overrides or []))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +21,30 @@ class Teacher(Protocol):
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def fingerprint(self) -> str: ...
+
+
+TEACHER_DIR_ENV = "APCTL_TEACHERS"
+
+
+def teacher_search_dirs() -> list[Path]:
+    dirs = [Path(d) for d in os.environ.get(TEACHER_DIR_ENV, "").split(os.pathsep) if d]
+    return dirs + [Path.home() / ".cache" / "apctl" / "teachers"]
+
+
+def find_teacher_file(name: str) -> Path:
+    """`name` as given, else by file name in $APCTL_TEACHERS and ~/.cache/apctl/teachers."""
+    if not name:
+        raise ApctlError("teacher.kind = 'network' needs a teacher file: pass --teacher FILE")
+    given = Path(name).expanduser()
+    if given.is_file():
+        return given
+    for d in teacher_search_dirs():
+        if (d / given.name).is_file():
+            return d / given.name
+    looked = ", ".join(str(p) for p in [given.absolute()] + [d / given.name for d in teacher_search_dirs()])
+    raise ApctlError(f"teacher file {given.name} not found (looked in {looked}); download it once (see "
+                     f"docs/user_guide.md, 'Bringing real teachers and data') and pass --teacher PATH "
+                     f"or put it in ${TEACHER_DIR_ENV}")
 
 
 def build_teacher(cfg: Config, data=None) -> Teacher:
@@ -41,8 +67,7 @@ def build_teacher(cfg: Config, data=None) -> Teacher:
         from apctl.teachers.importers import load_teacher
         from apctl.teachers.network import NetworkTeacher
 
-        if not t.file:
-            raise ApctlError("teacher.kind = 'network' needs teacher.file (or --teacher FILE)")
-        bundle = load_teacher(t.file)
-        return NetworkTeacher(bundle.network, bundle.fingerprint, source=t.file)
+        path = find_teacher_file(t.file)
+        bundle = load_teacher(path)
+        return NetworkTeacher(bundle.network, bundle.fingerprint, source=str(path))
     raise ApctlError(f"unknown teacher kind {t.kind!r}")

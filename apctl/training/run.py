@@ -96,20 +96,25 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
-def build_parts(cfg: Config, reporter: Reporter, stats_cache: Path | None):
-    """Teacher, data source, statistics (Analytic-Precond only) and preconditioning of a config."""
+def build_teacher_and_data(cfg: Config):
+    """The teacher and the source of training batches (loads teacher and data files)."""
     from apctl.data.sources import build_data_source, load_training_data
-    from apctl.preconditioning.build import build_preconditioning, obtain_statistics
     from apctl.teachers import build_teacher
 
     data = load_training_data(cfg)
     teacher = build_teacher(cfg, data)
-    data_source = build_data_source(cfg, teacher, data)
+    return teacher, build_data_source(cfg, teacher, data)
+
+
+def build_preconditioning_for(cfg: Config, teacher, data_source, reporter: Reporter, stats_cache: Path | None):
+    """Statistics (Analytic-Precond only: from file, cache or estimated) and the preconditioning."""
+    from apctl.preconditioning.build import build_preconditioning, obtain_statistics
+
     stats = None
     if cfg.precond.kind == "analytic":
         stats, origin = obtain_statistics(cfg, teacher, data_source, stats_cache, reporter.statistics_progress)
         reporter.message(f"Analytic-Precond statistics: {origin} ({len(stats.lam)} levels)")
-    return teacher, data_source, stats, build_preconditioning(cfg, stats)
+    return stats, build_preconditioning(cfg, stats)
 
 
 def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run:
@@ -125,21 +130,23 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
         if changed:
             raise ApctlError(f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}); "
                              "pass a new --out, or the same settings to resume it")
+    device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    # Files are read before anything is written: a missing teacher or data set leaves no run directory.
+    teacher, data_source = build_teacher_and_data(cfg)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
         if latest is None:
             # A fresh run: logs of an earlier attempt that never reached a checkpoint are stale.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    device = resolve_device(cfg.run.device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
 
     # Only rank 0 estimates statistics; the others then read its cache.
     stats_cache = run_dir / "precond_stats.safetensors"
     if not distributed.is_main():
         distributed.barrier()
-    teacher, data_source, stats, precond = build_parts(cfg, reporter, stats_cache)
+    stats, precond = build_preconditioning_for(cfg, teacher, data_source, reporter, stats_cache)
     if distributed.is_main():
         distributed.barrier()
     if hasattr(teacher, "to"):
