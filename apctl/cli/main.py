@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -43,6 +44,8 @@ def main() -> None:
     try:
         app()
     except ApctlError as exc:
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(1)  # under torchrun every rank meets the same error; rank 0 reports it
         from apctl.cli.ui import err_console
 
         from rich.markup import escape

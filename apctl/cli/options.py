@@ -13,7 +13,8 @@ SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
                       help="Override any preset key, e.g. --set training.lr=1e-4 (repeatable; values read as TOML).")
 TeacherOpt = typer.Option(None, "--teacher", metavar="FILE",
                           help="Teacher file: an EDM .pkl, OpenAI's edm_imagenet64_ema.pt, or an apctl .safetensors.")
-DataOpt = typer.Option(None, "--data", metavar="PATH", help="Data set path (CIFAR-10 archive, EDM zip or folder).")
+DataOpt = typer.Option(None, "--data", metavar="PATH",
+                       help="Data set: a CIFAR-10 archive or folder, an EDM dataset zip/folder, or a folder of images (kind inferred from the path).")
 
 
 def _toml_string(path: Path) -> str:
@@ -24,7 +25,7 @@ def _toml_string(path: Path) -> str:
 
 def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optional[Path] = None,
                    data: Optional[Path] = None):
-    """Preset + --teacher/--data (shorthands for teacher.file / data.path) + --set, validated once."""
+    """Preset + --teacher/--data (shorthands for teacher.file, data.path and data.kind) + --set, validated once."""
     from apctl.config import load_config
 
     # Absolute paths, so that `sample` and `eval` find the files from any working directory.
@@ -32,5 +33,7 @@ def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optiona
     if teacher is not None:
         extra += ['teacher.kind="network"', f"teacher.file={_toml_string(teacher)}"]
     if data is not None:
-        extra += [f"data.path={_toml_string(data)}"]
+        from apctl.data import infer_data_kind
+
+        extra += [f"data.path={_toml_string(data)}", f'data.kind="{infer_data_kind(data)}"']
     return load_config(preset, extra + list(overrides or []))

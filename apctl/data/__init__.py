@@ -52,6 +52,19 @@ _LOADERS: dict[str, Callable[..., ImageData]] = {
 }
 
 
+def infer_data_kind(path: str | os.PathLike) -> str:
+    """The data-set kind a path looks like: a CIFAR-10 archive or folder, an EDM zip/folder, or images."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.name.endswith((".tar.gz", ".tgz")) or "cifar-10" in p.name or (p / "cifar-10-batches-py").is_dir() \
+            or (p / "data_batch_1").is_file():
+        return "cifar10"
+    if p.suffix == ".zip" or (p / "dataset.json").is_file():
+        return "edm"
+    return "folder"
+
+
 def load_image_data(kind: str, path: str | os.PathLike | None = None, **options: Any) -> ImageData:
     """Load dataset `kind` ∈ {'cifar10', 'edm', 'folder', 'digits'} from `path` into memory.
 

@@ -123,6 +123,9 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
 
     reporter = reporter or SilentReporter()
     run_dir = Path(run_dir)
+    world = distributed.world_size()
+    if cfg.training.batch_size % world:
+        raise ApctlError(f"training.batch_size = {cfg.training.batch_size} is not divisible by the {world} processes")
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     latest = load_checkpoint(checkpoints[-1]) if checkpoints else None
     if latest is not None:
@@ -218,8 +221,6 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
     reporter = reporter or SilentReporter()
     cfg, tc = run.cfg, run.cfg.training
     world, rank = distributed.world_size(), distributed.rank()
-    if tc.batch_size % world:
-        raise ApctlError(f"training.batch_size = {tc.batch_size} is not divisible by the {world} processes")
     per_rank = tc.batch_size // world
     model = run.student
     if world > 1:
