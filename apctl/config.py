@@ -10,8 +10,10 @@ here to the one place that uses it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,12 +231,14 @@ def _read_toml(path: Path) -> dict:
 
 
 def preset_dirs() -> list[Path]:
-    """Where preset names are looked up: $APCTL_PRESETS, ./presets, then the presets shipped with apctl."""
+    """Where preset names are looked up: $APCTL_PRESETS, ./presets, then the presets shipped with apctl
+    (the repository's presets/ for a clone, <prefix>/share/apctl/presets for a wheel)."""
     dirs = []
     if os.environ.get(PRESET_DIR_ENV):
         dirs.append(Path(os.environ[PRESET_DIR_ENV]))
     dirs.append(Path.cwd() / "presets")
-    dirs.append(Path(__file__).resolve().parent.parent / "presets")
+    dirs.append(Path(__file__).resolve().parent.parent / "presets")     # a clone / editable install
+    dirs.append(Path(sys.prefix) / "share" / "apctl" / "presets")        # a wheel install
     seen, unique = set(), []
     for d in dirs:
         if d.resolve() not in seen:
@@ -282,7 +286,14 @@ def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(parent, str):
         raise ConfigError(str(path), "extends", "expected a preset name")
-    parent_path = find_preset(parent) if parent.endswith(".toml") is False else (path.parent / parent)
+    try:
+        parent_path = (path.parent / parent) if parent.endswith(".toml") else find_preset(parent)
+        if not parent_path.is_file():
+            raise ApctlError(f"file not found: {parent_path}")
+    except ConfigError:
+        raise
+    except ApctlError as exc:
+        raise ConfigError(str(path), "extends", str(exc)) from None
     return _merge(_load_layers(parent_path, chain + (path.resolve(),)), data)
 
 
@@ -315,10 +326,13 @@ def load_config(preset: str, overrides: list[str] = ()) -> tuple[Config, Path]:
     cfg = Config()
     data = _load_layers(path)
     _apply(cfg, data, str(path))
+    validate(cfg, str(path))
     for text in overrides:
         keys, value = parse_override(text)
         _apply(cfg, _nest(keys, value), f"--set {text}")
-    validate(cfg, str(path))
+    if overrides:
+        # A preset that validates alone and fails now was broken by an override: name the overrides.
+        validate(cfg, "--set " + " --set ".join(overrides))
     return cfg, path
 
 
@@ -366,7 +380,8 @@ def config_to_toml(cfg: Config) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            # JSON's escapes (\n, \", \\, \uXXXX for control and non-ASCII characters) are valid TOML.
+            return json.dumps(v)
         if isinstance(v, float):
             return repr(v)
         if isinstance(v, list):

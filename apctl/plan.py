@@ -9,24 +9,19 @@ from apctl.config import Config
 
 
 def _student_parameters(cfg: Config, shape, label_dim: int) -> tuple[str, int | None]:
+    """The student `prepare` would build (a teacher-initialised one takes its preset network's shape)."""
     import torch
 
-    from apctl.networks.registry import EDM_PRESET_KWARGS, count_parameters
+    from apctl.networks.registry import count_parameters
+    from apctl.networks.student import build_student, student_architecture
 
-    if cfg.student.kind == "mlp":
-        from apctl.networks.mlp import TwoTimeMLP
-
-        net = TwoTimeMLP(shape, label_dim, cfg.student.hidden, cfg.student.depth, cfg.student.embed_dim)
-        return f"TwoTimeMLP {cfg.student.depth}×{cfg.student.hidden}", count_parameters(net)
-    from apctl.networks.two_time import TwoTimeDenoiser
-
-    kwargs = dict(EDM_PRESET_KWARGS[cfg.student.network])
-    if cfg.student.network.startswith("tiny"):
-        kwargs.update(img_channels=shape[0], img_resolution=shape[1], label_dim=label_dim)
+    arch = student_architecture(cfg, shape, label_dim, teacher=None)
+    if arch["kind"] == "mlp":
+        return f"TwoTimeMLP {cfg.student.depth}×{cfg.student.hidden}", count_parameters(build_student(arch))
     with torch.device("meta"):
-        net = TwoTimeDenoiser.from_init_kwargs(kwargs)
+        net = build_student(arch)
     teacher_part = count_parameters(net.net)
-    name = f"TwoTimeDenoiser(EDMPrecond/{kwargs['model_type']}, {cfg.student.network})"
+    name = f"TwoTimeDenoiser(EDMPrecond/{arch['init_kwargs']['model_type']}, {cfg.student.network})"
     return f"{name}: {teacher_part:,} teacher + {count_parameters(net) - teacher_part:,} s-embedding", count_parameters(net)
 
 
@@ -53,8 +48,13 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
     t, d, o, tr, p = cfg.teacher, cfg.data, cfg.objective, cfg.training, cfg.precond
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if t.kind == "network":
-        exists = "found" if t.file and Path(t.file).is_file() else "NOT FOUND — pass --teacher FILE"
-        teacher = f"EDM network from {t.file or '(unset)'} ({exists})"
+        from apctl.errors import ApctlError
+        from apctl.teachers import find_teacher_file
+
+        try:
+            teacher = f"EDM network from {find_teacher_file(t.file)} (found)"
+        except ApctlError:
+            teacher = f"EDM network from {t.file or '(unset)'} (NOT FOUND — pass --teacher FILE or see $APCTL_TEACHERS)"
     elif t.kind == "empirical":
         teacher = f"exact empirical mixture over {d.kind} (bandwidth {t.bandwidth})"
     else:

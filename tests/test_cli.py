@@ -167,6 +167,7 @@ BAD_INPUT = [
     ("eval-random-json", ["eval", "--ckpt", "random.json"], ["random.json", "not an apctl student checkpoint"]),
     ("sample-random-json", ["sample", "--ckpt", "random.json", "--out", "s.npz"], ["random.json"]),
     ("eval-metrics-as-ckpt", ["eval", "--ckpt", "run/metrics.jsonl"], ["metrics.jsonl"]),
+    ("eval-without-ckpt", ["eval", "--nfe", "1"], ["--ckpt"]),
     ("eval-nfe-0", ["eval", "--ckpt", "run", "--nfe", "0"], ["--nfe"]),
     ("eval-nfe-abc", ["eval", "--ckpt", "run", "--nfe", "abc"], ["--nfe"]),
     ("eval-nfe-negative-in-list", ["eval", "--ckpt", "run", "--nfe", "1,-2"], ["--nfe"]),

@@ -132,7 +132,11 @@ def _plan_rows(stdout: str) -> dict[str, str]:
 def test_dry_run_of_paper_preset_prints_the_plan_without_files(name, cli, tmp_path):
     lr, mu, n, max_steps, ema, iters, batch, teacher_file, classes, gpus = PAPER[name]
     # Plan for the paper's GPU count: the per-device batch is the global batch split over WORLD_SIZE.
-    result = cli.ok(cli(["distill", "--preset", name, "--dry-run"], tmp_path, env=cli.env(WORLD_SIZE=str(gpus))))
+    # An empty HOME and no $APCTL_TEACHERS / $APCTL_DATA: no teacher or data file can be found anywhere.
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir(), home.mkdir()
+    env = cli.env(WORLD_SIZE=str(gpus), HOME=str(home), APCTL_TEACHERS="", APCTL_DATA="")
+    result = cli.ok(cli(["distill", "--preset", name, "--dry-run"], work, env=env))
     rows = _plan_rows(result.stdout)
     teacher, s_emb = TEACHER_PARAMS[name], S_EMBEDDING[name]
     assert f"{teacher:,} teacher + {s_emb:,} s-embedding" in rows["student"], rows["student"]
@@ -150,7 +154,28 @@ def test_dry_run_of_paper_preset_prints_the_plan_without_files(name, cli, tmp_pa
     assert rows["preconditioning"].startswith("Analytic-Precond (backward form")
     assert rows["data shape"].startswith(("(3, 32, 32)" if "cifar" in name else "(3, 64, 64)"))
     assert (f"{classes} classes" if classes else "no classes") in rows["data shape"]
-    assert not any(tmp_path.iterdir()), "a dry run must not write anything"
+    assert not any(work.iterdir()) and not any(home.iterdir()), "a dry run must not write anything"
+
+
+def test_dry_run_finds_teachers_where_distill_looks(tmp_path, monkeypatch):
+    """The plan says whether the teacher file will be found; it must look where `distill` looks
+    (the path as given, then $APCTL_TEACHERS and ~/.cache/apctl/teachers)."""
+    from apctl.plan import describe_plan
+
+    teachers = tmp_path / "teachers"
+    teachers.mkdir()
+    (teachers / "edm-cifar10-32x32-cond-vp.pkl").write_bytes(b"placeholder")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg, path = load_config("cifar10-cond")
+
+    monkeypatch.setenv("APCTL_TEACHERS", "")
+    rows = dict(describe_plan(cfg, path, tmp_path / "out"))
+    assert "NOT FOUND" in rows["teacher"], rows["teacher"]
+
+    monkeypatch.setenv("APCTL_TEACHERS", str(teachers))
+    rows = dict(describe_plan(cfg, path, tmp_path / "out"))
+    assert "NOT FOUND" not in rows["teacher"], rows["teacher"]
 
 
 def test_dry_run_parameter_count_matches_the_student_that_trains():

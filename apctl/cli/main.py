@@ -40,21 +40,32 @@ app.add_typer(teacher.app, name="teacher")
 
 
 def main() -> None:
-    """Run the CLI; user errors become one red line on stderr and exit code 1, without a traceback."""
+    """Run the CLI. User errors (ApctlError, bad flags) are one line on stderr, no traceback:
+    exit code 1 for errors in the work, 2 for command-line usage errors."""
+    from apctl.cli.ui import err_console
+
+    def fail(message: str, code: int) -> None:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error
+            from rich.markup import escape
+
+            err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+        sys.exit(code)
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's (vendored click's) usage errors: bad or missing flags
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        fail(exc.format_message() + hint, getattr(exc, "exit_code", 2))
     except ApctlError as exc:
-        if os.environ.get("RANK", "0") != "0":
-            sys.exit(1)  # under torchrun every rank meets the same error; rank 0 reports it
-        from apctl.cli.ui import err_console
-
-        from rich.markup import escape
-
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        fail(str(exc), 1)
+    except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("interrupted; re-run the same command to resume from the last checkpoint\n")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

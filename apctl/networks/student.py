@@ -19,16 +19,17 @@ def student_architecture(cfg: Config, shape: tuple[int, ...], label_dim: int, te
                 "depth": st.depth, "embed_dim": st.embed_dim}
     network = getattr(teacher, "network", None)
     if st.init_from_teacher and network is not None:
-        kwargs = dict(network.init_kwargs)
-    else:
-        from apctl.networks.registry import EDM_PRESET_KWARGS
+        return {"kind": "unet", "init_kwargs": dict(network.init_kwargs)}
+    from apctl.networks.registry import EDM_PRESET_KWARGS
 
-        if st.network not in EDM_PRESET_KWARGS:
-            raise ApctlError(f"student.network: unknown network preset {st.network!r} "
-                             f"(known: {', '.join(EDM_PRESET_KWARGS)})")
-        if len(shape) != 3 or shape[1] != shape[2]:
-            raise ApctlError(f"student.kind = 'unet' needs square images, got data shape {tuple(shape)}")
-        kwargs = dict(EDM_PRESET_KWARGS[st.network], img_channels=shape[0], img_resolution=shape[1], label_dim=label_dim)
+    if st.network not in EDM_PRESET_KWARGS:
+        raise ApctlError(f"student.network: unknown network preset {st.network!r} (known: {', '.join(EDM_PRESET_KWARGS)})")
+    kwargs = dict(EDM_PRESET_KWARGS[st.network])
+    if st.init_from_teacher:
+        return {"kind": "unet", "init_kwargs": kwargs}  # the teacher's own architecture (planned without its file)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ApctlError(f"student.kind = 'unet' needs square images, got data shape {tuple(shape)}")
+    kwargs.update(img_channels=shape[0], img_resolution=shape[1], label_dim=label_dim)
     return {"kind": "unet", "init_kwargs": kwargs}
 
 

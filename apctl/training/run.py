@@ -60,6 +60,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     arch: dict
     device: torch.device
+    scaler: torch.amp.GradScaler
     step: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -162,13 +163,16 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.training.optimizer]
     optimizer = opt_cls(student.parameters(), lr=cfg.training.lr)
     objective = build_objective(cfg, teacher, precond)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
     run = Run(cfg, run_dir, teacher, data_source, stats, precond, objective, student, target, ema, optimizer,
-              arch, device)
+              arch, device, scaler)
     if latest is not None:
         run.student.load_state_dict(latest.group("student"))
         run.target.load_state_dict(latest.group("target"))
         run.ema.load_state_dict(latest.group("ema"))
         restore_optimizer(run.optimizer, latest)
+        if latest.meta.get("scaler"):
+            run.scaler.load_state_dict(latest.meta["scaler"])
         run.step = latest.step
         _truncate_metrics(run_dir / "metrics.jsonl", run.step)
         reporter.message(f"resuming {run_dir} from step {run.step}")
@@ -191,7 +195,7 @@ def save(run: Run, logs: dict | None = None) -> Path | None:
     meta = {"config": run.cfg.to_dict(), "student": run.arch, "teacher_fingerprint": run.teacher.fingerprint(),
             "precond": {"kind": run.cfg.precond.kind, "form": run.cfg.precond.form,
                         "interpolation": run.cfg.precond.interpolation},
-            "logs": logs or {}}
+            "scaler": run.scaler.state_dict(), "logs": logs or {}}
     return save_checkpoint(run.checkpoint_dir, run.step, meta,
                            {"student": run.student, "target": run.target, "ema": run.ema},
                            run.optimizer, None, extra, keep=run.cfg.training.keep_checkpoints)
@@ -225,7 +229,7 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
     model = run.student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(run.student)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=tc.precision == "fp16")
+    scaler = run.scaler
     metrics_path = run.run_dir / "metrics.jsonl"
     if probe is not None and tc.eval_every and run.step == 0:
         _log(run, metrics_path, dict(probe(run), step=0))
