@@ -38,6 +38,8 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: wide, uncoloured rich output; one OMP thread by default."""
     env = dict(os.environ)
     env.pop("APCTL_PRESETS", None)       # presets come from the repository, not from the caller's setup
+    # The code under test is this checkout's, whichever apctl is installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.pop("WORLD_SIZE", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(COLUMNS="250", NO_COLOR="1", TERM="dumb", PYTHONIOENCODING="utf-8")

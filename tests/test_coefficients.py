@@ -45,13 +45,6 @@ PAIRS = [(i, j) for i in range(N) for j in range(i + 1, N)]
 assert len(PAIRS) == 153
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small float64 tensors on a loaded 2-core box: intra-op threading costs 100× (measured).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_karras_grid_matches_note():

@@ -22,12 +22,6 @@ from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # --- the independent oracle ---------------------------------------------------------------------

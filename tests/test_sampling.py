@@ -18,7 +18,6 @@ from apctl.errors import ApctlError
 from apctl.metrics.alignment import rms, sliced_wasserstein
 from apctl.preconditioning import AnalyticPrecond, CTMPrecond
 from apctl.sampling import check_sigmas, default_sigmas, student_sample, teacher_sample
-from apctl.schedules import karras_sigmas
 from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
 
 F64 = torch.float64
@@ -27,12 +26,6 @@ C = 0.5
 MU = torch.tensor([0.7, -0.4, 0.25], dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _col(v, like):

@@ -32,12 +32,6 @@ C_DIAG = np.array([0.2, 0.3, 0.4, 0.5, 0.5, 0.6, 0.7, 0.8])
 MU_DIAG = np.array([0.5, -0.3, 0.2, 0.0, 0.4, -0.6, 0.1, 0.3])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _closed_form_diag(lam, c, mu):
