@@ -49,7 +49,10 @@ def build_unet(model_type: str, **kwargs) -> nn.Module:
 
 
 class _Precond(nn.Module):
-    """Shared plumbing: input casting, label defaults, dtype choice, the D = c_skip x + c_out F rule."""
+    """Shared plumbing: input casting, label defaults, dtype choice, the D = c_skip x + c_out F rule.
+
+    Each subclass defines `scalings(sigma) -> (c_skip, c_out, c_in, c_noise)`.
+    """
 
     img_resolution: int
     img_channels: int
@@ -62,9 +65,6 @@ class _Precond(nn.Module):
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
-
-    def scalings(self, sigma: torch.Tensor):  # pragma: no cover - overridden
-        raise NotImplementedError
 
     def _labels(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         """None when unconditional; a zero row when conditional and no labels are given (as EDM)."""
