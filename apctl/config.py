@@ -380,7 +380,7 @@ def config_to_toml(cfg: Config) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            # JSON's escapes (\n, \", \\, \uXXXX for control and non-ASCII characters) are valid TOML.
+            # JSON string escapes (backslash-n, backslash-u plus four hex digits, ...) are all valid TOML escapes.
             return json.dumps(v)
         if isinstance(v, float):
             return repr(v)

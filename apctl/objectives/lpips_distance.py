@@ -19,7 +19,6 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -32,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from apctl.errors import ApctlError
-from apctl.packages import package_dir
+from apctl.packages import file_digest, package_dir
 from apctl.safe_pickle import restricted_load
 
 TRUNK_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -95,11 +94,7 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _sha_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _sha_cache[key] = h.hexdigest()
+        _sha_cache[key] = file_digest(path)
     return _sha_cache[key]
 
 

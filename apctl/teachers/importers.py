@@ -90,6 +90,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from apctl.errors import ApctlError
+from apctl.packages import file_digest
 
 __all__ = [
     "TeacherBundle",
@@ -173,13 +174,6 @@ def compute_fingerprint(state_dict: Mapping[str, Any], arch: Mapping[str, Any]) 
 
 # --- helpers --------------------------------------------------------------------------------
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -497,7 +491,7 @@ def _load_openai_adm(path: Path, adm: Mapping[str, Any]) -> TeacherBundle:
         source_format="openai-adm",
         fingerprint=compute_fingerprint(network.state_dict(), arch),
         source={"format": "openai-adm", "file": path.name},
-        source_sha256=_sha256_file(path),
+        source_sha256=file_digest(path),
         extras={"adm_layout": layout, "time_label": "1000 * 0.25 * ln(sigma)",
                 "assumed_img_resolution": ADM_IMG_RESOLUTION},
     )
