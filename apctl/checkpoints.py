@@ -66,7 +66,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(directory: Path, step: int, meta: dict[str, Any], networks: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None, generator: torch.Generator | None,
+                    optimizer: torch.optim.Optimizer | None, generator: torch.Generator | None = None,
                     extra_tensors: dict[str, torch.Tensor] | None = None, keep: int | None = None) -> Path:
     from safetensors.torch import save_file
 

@@ -10,14 +10,13 @@ here to the one place that uses it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 from apctl.errors import ApctlError
 
@@ -105,18 +104,55 @@ class PrecondConfig:
 
 
 @dataclass
+class DistanceConfig:
+    """d(estimate, target) of the consistency term: squared L2 (mean over dimensions), pseudo-Huber
+    √(‖Δ‖²/d + c²) − c, or LPIPS on 224-px bilinear upsamplings (images only)."""
+
+    kind: str = field(default="l2", metadata=_choice("l2", "pseudo_huber", "lpips"))
+    huber_c: float = field(default=0.03, metadata=_range(0.0, lo_open=True))
+    lpips_net: str = field(default="alex", metadata=_choice("alex", "vgg"))
+    lpips_trunk: str = ""
+
+
+@dataclass
+class CTMObjectiveConfig:
+    """CTM's own keys (Kim et al. 2024): teacher chain length and the DSM term; see docs/math.md, "CTM"."""
+
+    max_teacher_steps: int = field(default=17, metadata=_range(1))
+    dsm_weight: float = field(default=1.0, metadata=_range(0.0))
+
+
+@dataclass
+class CDObjectiveConfig:
+    """CD (Song et al. 2023) has no keys of its own: one teacher Heun step between neighbouring levels."""
+
+
+@dataclass
 class ObjectiveConfig:
-    """The training objective and its discretisation (math note §1.4)."""
+    """The training objective: the keys every kind shares, then one section per kind.
+
+    Only the section of `kind` may be given (`[objective.ctm]` with kind = "ctm"); a section of
+    another kind is an error rather than silently ignored. A preset that `extends` another and
+    changes `kind` drops the inherited section of the old kind.
+    """
+
+    KINDS: ClassVar[dict[str, type]] = {"ctm": CTMObjectiveConfig, "cd": CDObjectiveConfig}
 
     kind: str = field(default="ctm", metadata=_choice("ctm", "cd"))
     grid_points: int = field(default=18, metadata=_range(2))
-    max_teacher_steps: int = field(default=17, metadata=_range(1))
-    distance: str = field(default="l2", metadata=_choice("l2", "pseudo_huber", "lpips"))
-    huber_c: float = field(default=0.03, metadata=_range(0.0, lo_open=True))
-    dsm_weight: float = field(default=1.0, metadata=_range(0.0))
     target_ema: float = field(default=0.999, metadata=_range(0.0, 1.0))
-    lpips_net: str = field(default="alex", metadata=_choice("alex", "vgg"))
-    lpips_trunk: str = ""
+    distance: DistanceConfig = field(default_factory=DistanceConfig)
+    ctm: Optional[CTMObjectiveConfig] = None
+    cd: Optional[CDObjectiveConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.kind in self.KINDS and getattr(self, self.kind) is None:
+            setattr(self, self.kind, self.KINDS[self.kind]())
+
+    @property
+    def section(self) -> Any:
+        """The section of the active kind (always present after loading)."""
+        return getattr(self, self.kind)
 
 
 @dataclass
@@ -154,7 +190,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data (sections of inactive kinds left out), as saved in config.toml and checkpoints."""
+        return _drop_none(dataclasses.asdict(self))
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,21 +242,41 @@ def _check_value(source: str, key: str, f: dataclasses.Field, value: Any, hint: 
 
 
 def _apply(obj: Any, data: dict, source: str, prefix: str = "") -> None:
-    """Write the (nested) mapping `data` onto the dataclass instance `obj`, validating every key."""
+    """Write the (nested) mapping `data` onto the dataclass instance `obj`, validating every key.
+
+    A dataclass with `KINDS` (e.g. ObjectiveConfig) takes only the section of its `kind`; that
+    section is created with its defaults when the data does not give it.
+    """
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    kinds = getattr(type(obj), "KINDS", None)
+    if kinds and "kind" in data:
+        setattr(obj, "kind", _check_value(source, f"{prefix}kind", fields["kind"], data["kind"], str))
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(source, dotted, f"unknown key (known keys here: {known})")
         f, hint = fields[key], hints[key]
+        if kinds and key in kinds:
+            if key != obj.kind:
+                raise ConfigError(source, dotted, f"this section is for {prefix}kind = {key!r}, "
+                                                  f"but {prefix}kind = {obj.kind!r}")
+            hint = kinds[key]
+            if getattr(obj, key) is None:
+                setattr(obj, key, hint())
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(source, dotted, f"expected a table [{dotted}], got {value!r}")
             _apply(getattr(obj, key), value, source, dotted + ".")
         else:
             setattr(obj, key, _check_value(source, dotted, f, value, hint))
+    if kinds:
+        for name in kinds:
+            if name != obj.kind:
+                setattr(obj, name, None)
+        if getattr(obj, obj.kind) is None:
+            setattr(obj, obj.kind, kinds[obj.kind]())
 
 
 def _read_toml(path: Path) -> dict:
@@ -271,7 +332,12 @@ def find_preset(name_or_path: str) -> Path:
 
 
 def _merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, table by table. Where a table's `kind` changes, the section of
+    the old kind (a sub-table named after it, e.g. [objective.ctm]) is dropped, not inherited."""
     out = dict(base)
+    old_kind, new_kind = base.get("kind"), override.get("kind")
+    if isinstance(old_kind, str) and new_kind is not None and new_kind != old_kind and isinstance(out.get(old_kind), dict):
+        del out[old_kind]
     for key, value in override.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
@@ -320,19 +386,21 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
-def load_config(preset: str, overrides: list[str] = ()) -> tuple[Config, Path]:
-    """The validated Config of a preset (name or .toml path) with `--set` overrides applied."""
+def load_config(preset: str, overrides: list[str] = (), paths: dict | None = None) -> tuple[Config, Path]:
+    """The validated Config of a preset (name or .toml path), then `paths` (plain values from
+    command-line flags such as --teacher and --data, e.g. {"teacher": {"file": ...}}), then the
+    `--set key=value` overrides, in that order. An error names the layer that caused it."""
     path = find_preset(preset)
-    cfg = Config()
-    data = _load_layers(path)
-    _apply(cfg, data, str(path))
-    validate(cfg, str(path))
-    for text in overrides:
-        keys, value = parse_override(text)
-        _apply(cfg, _nest(keys, value), f"--set {text}")
-    if overrides:
-        # A preset that validates alone and fails now was broken by an override: name the overrides.
-        validate(cfg, "--set " + " --set ".join(overrides))
+    layers = [(str(path), _load_layers(path))]
+    if paths:
+        layers.append(("command-line paths", paths))
+    layers += [(f"--set {text}", _nest(*parse_override(text))) for text in overrides]
+    data: dict = {}
+    for source, layer in layers:
+        # Each layer is checked on the merged whole: a config valid before it and invalid after was
+        # broken by it, so the error names it.
+        data = _merge(data, layer)
+        cfg = config_from_dict(data, source)
     return cfg, path
 
 
@@ -364,40 +432,17 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(source, "data.kind", "an empirical teacher needs a data set (digits, cifar10, edm, folder)")
     if t.kind == "network" and cfg.data.kind == "teacher":
         raise ConfigError(source, "data.kind", "a network teacher needs a data set (digits, cifar10, edm, folder)")
-    if cfg.objective.max_teacher_steps > cfg.objective.grid_points - 1:
-        raise ConfigError(source, "objective.max_teacher_steps",
-                          f"at most grid_points − 1 = {cfg.objective.grid_points - 1}")
-    if cfg.objective.distance == "lpips" and cfg.student.kind != "unet":
-        raise ConfigError(source, "objective.distance", "lpips compares images: it needs student.kind = 'unet'")
+    o = cfg.objective
+    if o.kind == "ctm" and o.ctm.max_teacher_steps > o.grid_points - 1:
+        raise ConfigError(source, "objective.ctm.max_teacher_steps", f"at most objective.grid_points − 1 = {o.grid_points - 1}")
+    if o.distance.kind == "lpips" and cfg.student.kind != "unet":
+        raise ConfigError(source, "objective.distance.kind", "lpips compares images: it needs student.kind = 'unet'")
     if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg.eval.nfe):
         raise ConfigError(source, "eval.nfe", "must be a list of positive integers")
 
 
 def config_to_toml(cfg: Config) -> str:
     """The resolved config as TOML, saved with every run (re-loadable with `load_config`)."""
+    import tomli_w
 
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            # JSON string escapes (backslash-n, backslash-u plus four hex digits, ...) are all valid TOML escapes.
-            return json.dumps(v)
-        if isinstance(v, float):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return str(v)
-
-    lines: list[str] = []
-
-    def emit(table: dict, prefix: str) -> None:
-        leaves = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if prefix:
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {fmt(v)}" for k, v in leaves.items())
-        for k, v in tables.items():
-            emit(v, f"{prefix}.{k}" if prefix else k)
-
-    emit(cfg.to_dict(), "")
-    return "\n".join(lines).lstrip() + "\n"
+    return tomli_w.dumps(cfg.to_dict())

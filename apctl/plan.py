@@ -15,7 +15,7 @@ def _student_parameters(cfg: Config, shape, label_dim: int) -> tuple[str, int | 
     from apctl.networks.registry import count_parameters
     from apctl.networks.student import build_student, student_architecture
 
-    arch = student_architecture(cfg, shape, label_dim, teacher=None)
+    arch = student_architecture(cfg.student, shape, label_dim)
     if arch["kind"] == "mlp":
         return f"TwoTimeMLP {cfg.student.depth}×{cfg.student.hidden}", count_parameters(build_student(arch))
     with torch.device("meta"):
@@ -74,10 +74,10 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
         ("dataset", data),
         ("data shape", f"{tuple(shape)}, {label_dim or 'no'} classes"),
         ("student", student),
-        ("objective", f"{o.kind.upper()}, distance {o.distance}" + (f", DSM weight {o.dsm_weight}" if o.kind == "ctm" else "")),
+        ("objective", f"{o.kind.upper()}, distance {o.distance.kind}" + (f", DSM weight {o.ctm.dsm_weight}" if o.kind == "ctm" else "")),
         ("preconditioning", precond),
         ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"),
-        ("max teacher Heun steps", str(o.max_teacher_steps if o.kind == "ctm" else 1)),
+        ("max teacher Heun steps", str(o.ctm.max_teacher_steps if o.kind == "ctm" else 1)),
         ("optimizer", f"{tr.optimizer}, lr {tr.lr:g}"),
         ("target EMA μ", f"{o.target_ema:g}"),
         ("evaluation EMA", f"{tr.ema_decay:g}"),

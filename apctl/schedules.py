@@ -6,7 +6,6 @@ dx/dσ = (x − D(x, σ))/σ and, in the half log-SNR λ = −ln σ, dx/dλ = D(
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -24,13 +23,6 @@ def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
     ramp = np.arange(n, dtype=np.float64) / (n - 1)
     inv_rho = 1.0 / rho
     return (sigma_max ** inv_rho + ramp * (sigma_min ** inv_rho - sigma_max ** inv_rho)) ** rho
-
-
-def lam(sigma):
-    """Half log-SNR λ = −ln σ (works on floats, numpy arrays and tensors)."""
-    if isinstance(sigma, (float, int)):
-        return -math.log(sigma)
-    return -sigma.log() if hasattr(sigma, "log") else -np.log(sigma)
 
 
 def c_skip(sigma, sigma_data: float = SIGMA_DATA):

@@ -35,16 +35,15 @@ def one_run(args: tuple[str, str, int, str, list[str]]) -> dict:
 
     torch.set_num_threads(1)
     from apctl.config import load_config
-    from apctl.distill import start_run
-    from apctl.training.run import train
+    from apctl.training.run import alignment_probe, prepare, train
 
     overrides = [f'precond.kind="{kind}"', f"run.seed={seed}", "run.threads=1"] + extra
     cfg, _ = load_config(preset, overrides)
     run_dir = Path(out) / f"{preset}-{kind}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
-    run, probe = start_run(cfg, run_dir, reporter=None)
-    train(run, None, probe)
+    run = prepare(cfg, run_dir)
+    train(run, None, alignment_probe(run))
     curve = [(h["step"], h["align_nfe1"], h["align_nfe2"]) for h in run.history if "align_nfe2" in h]
     return {"preset": preset, "kind": kind, "seed": seed, "curve": curve, "seconds": time.perf_counter() - started}
 

@@ -45,7 +45,7 @@ def teacher_calls_per_second(conditional: bool, calls: int = 50) -> float:
     from apctl.teachers import build_teacher
 
     cfg, _ = load_config("digits")
-    teacher = build_teacher(cfg, load_training_data(cfg))
+    teacher = build_teacher(cfg.teacher, load_training_data(cfg.data))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, *teacher.shape, generator=gen, dtype=torch.float64)
     sigma = torch.exp(torch.randn(256, generator=gen, dtype=torch.float64))

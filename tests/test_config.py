@@ -94,12 +94,12 @@ def test_paper_presets_carry_table_3(name):
     assert cfg.training.lr == lr
     assert cfg.objective.target_ema == mu
     assert cfg.objective.grid_points == n
-    assert cfg.objective.max_teacher_steps == max_steps
+    assert cfg.objective.ctm.max_teacher_steps == max_steps
     assert cfg.training.ema_decay == ema
     assert cfg.training.iterations == iters
     assert cfg.training.precision == "fp16"
     assert cfg.training.batch_size == batch
-    assert cfg.objective.distance == "lpips"
+    assert cfg.objective.distance.kind == "lpips"
     assert cfg.objective.kind == "ctm"
     assert cfg.training.optimizer == "radam"           # CTM's optimizer, weight decay 0
     assert cfg.precond.kind == "analytic"
@@ -188,7 +188,7 @@ def test_dry_run_parameter_count_matches_the_student_that_trains():
     for name in ("digits-img", "toy2d", "digits"):
         cfg, _ = load_config(name)
         shape, label_dim = data_shape(cfg)
-        built = build_student(student_architecture(cfg, shape, label_dim))
+        built = build_student(student_architecture(cfg.student, shape, label_dim))
         _, planned = _student_parameters(cfg, shape, label_dim)
         assert planned == count_parameters(built), (name, planned, count_parameters(built))
 
@@ -224,8 +224,8 @@ def _error(preset: str, overrides=()) -> str:
     ('extends = "toy2d"\n[training]\niterations = 0\n', "training.iterations", ">= 1"),
     ('extends = "toy2d"\n[precond]\nkind = "magic"\n', "precond.kind", "must be one of"),
     ('extends = "toy2d"\n[training]\nprecision = "fp8"\n', "training.precision", "must be one of"),
-    ('extends = "toy2d"\n[objective]\nmax_teacher_steps = 18\n', "objective.max_teacher_steps", "grid_points"),
-    ('extends = "toy2d"\n[objective]\ndistance = "lpips"\n', "objective.distance", "unet"),
+    ('extends = "toy2d"\n[objective.ctm]\nmax_teacher_steps = 18\n', "objective.ctm.max_teacher_steps", "grid_points"),
+    ('extends = "toy2d"\n[objective.distance]\nkind = "lpips"\n', "objective.distance.kind", "unet"),
     ("extends = 3\n", "extends", "preset name"),
 ])
 def test_bad_preset_names_file_and_key(tmp_path, body, key, reason):
@@ -295,7 +295,7 @@ def test_bad_set_names_the_set_and_key(override, key, reason):
 
 @pytest.mark.parametrize("override, key", [
     ("eval.nfe=[1, 0]", "eval.nfe"),
-    ("objective.max_teacher_steps=30", "objective.max_teacher_steps"),
+    ("objective.ctm.max_teacher_steps=30", "objective.ctm.max_teacher_steps"),
 ])
 def test_cross_field_error_caused_by_a_set_names_the_set(override, key):
     """A value only the `--set` supplied must be blamed on the `--set`, not on the preset file."""
@@ -368,3 +368,47 @@ def test_config_to_toml_round_trips_any_string(tmp_path, name):
     again, _ = load_config(str(saved))
     assert again == cfg
     assert not math.isnan(again.training.lr)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-kind objective sections: only the active kind's section may be given; changing the kind in a
+# later layer (extends, --set) drops the inherited section of the old kind.
+
+
+def test_section_of_another_objective_kind_is_an_error(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('extends = "toy2d"\n[objective]\nkind = "cd"\n[objective.ctm]\ndsm_weight = 2.0\n')
+    with pytest.raises(ApctlError) as info:
+        load_config(str(preset))
+    message = str(info.value)
+    assert str(preset) in message and "objective.ctm" in message and "'cd'" in message, message
+
+
+def test_a_set_into_another_kinds_section_names_the_set():
+    with pytest.raises(ApctlError) as info:
+        load_config("toy2d-cd", ["objective.ctm.dsm_weight=2"])
+    assert "--set objective.ctm.dsm_weight=2" in str(info.value) and "objective.ctm" in str(info.value)
+
+
+def test_changing_the_kind_drops_the_inherited_section(tmp_path):
+    cfg, _ = load_config("toy2d-cd")           # extends toy2d, whose [objective.ctm] is not inherited
+    assert cfg.objective.kind == "cd" and cfg.objective.ctm is None and cfg.objective.cd is not None
+    assert "ctm" not in cfg.to_dict()["objective"]
+    cfg, _ = load_config("toy2d", ["objective.kind=cd"])
+    assert cfg.objective.ctm is None and cfg.objective.section is cfg.objective.cd
+    cfg, _ = load_config("toy2d-cd", ["objective.kind=ctm"])   # back to CTM: the section takes its defaults
+    assert cfg.objective.ctm.max_teacher_steps == 17 and cfg.objective.ctm.dsm_weight == 1.0
+
+
+def test_active_section_exists_even_when_not_written(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('extends = "toy2d"\n[objective]\nkind = "ctm"\n')
+    cfg, _ = load_config(str(preset))
+    assert cfg.objective.section is cfg.objective.ctm and cfg.objective.cd is None
+
+
+def test_command_line_paths_are_plain_values_not_toml(tmp_path):
+    """--teacher/--data reach the config as given, however the path is spelled (quotes, backslashes)."""
+    odd = str(tmp_path / 'we"ird\\na me.pkl')
+    cfg, _ = load_config("cifar10-cond", [], {"teacher": {"kind": "network", "file": odd}})
+    assert cfg.teacher.file == odd

@@ -16,7 +16,7 @@ import torch
 from torch.func import grad, jacrev, jvp
 
 from apctl.schedules import karras_sigmas
-from apctl.solvers import heun_solve, heun_step
+from apctl.sampling import heun_solve, heun_step
 from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
 
 F64 = torch.float64

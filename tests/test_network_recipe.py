@@ -43,13 +43,13 @@ SHRINK = [
     "precond.statistics.n_samples=8",
     "precond.statistics.batch_size=4",
     "objective.grid_points=6",
-    "objective.max_teacher_steps=3",
+    "objective.ctm.max_teacher_steps=3",
     "eval.n_samples=4",
     "eval.teacher_steps=4",
     "training.eval_every=0",
     "training.checkpoint_every=3",
-    'objective.distance="lpips"',            # the preset's own choice, stated so the test says what it runs
-    'objective.lpips_net="alex"',            # the preset uses vgg; alex is ~5× cheaper on a CPU
+    'objective.distance.kind="lpips"',            # the preset's own choice, stated so the test says what it runs
+    'objective.distance.lpips_net="alex"',            # the preset uses vgg; alex is ~5× cheaper on a CPU
 ]
 
 
@@ -194,7 +194,7 @@ def test_distill_exits_0_and_writes_the_run(run):
     assert meta["step"] == 3
     cfg = meta["config"]
     assert cfg["teacher"]["kind"] == "network" and Path(cfg["teacher"]["file"]).is_absolute()
-    assert cfg["objective"]["distance"] == "lpips" and cfg["objective"]["lpips_net"] == "alex"
+    assert cfg["objective"]["distance"]["kind"] == "lpips" and cfg["objective"]["distance"]["lpips_net"] == "alex"
     assert cfg["student"]["init_from_teacher"] is True
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3]
@@ -324,7 +324,7 @@ def test_edm_zip_given_to_a_cifar10_preset_is_not_called_corrupt(files, cli, tmp
     overrides = [o for o in SHRINK if not o.startswith(("data.kind", "objective.distance", "objective.lpips"))]
     result = cli(["distill", "--preset", "cifar10-cond", "--teacher", files["safetensors"], "--data", files["zip"],
                   "--out", tmp_path / "run", *_sets(overrides), "--set", "training.iterations=1",
-                  "--set", 'objective.distance="l2"'], tmp_path, env=_env(cli, files))
+                  "--set", 'objective.distance.kind="l2"'], tmp_path, env=_env(cli, files))
     if result.returncode == 0:
         return
     line = cli.user_error(result)
@@ -347,10 +347,10 @@ def test_statistics_jvp_and_fd_agree_for_the_network_teacher(files):
     stats = {}
     for derivative in ("jvp", "fd"):
         cfg, _ = load_config("cifar10-cond", base + [f'precond.statistics.derivative="{derivative}"'])
-        data = load_training_data(cfg)
-        teacher = build_teacher(cfg, data)
+        data = load_training_data(cfg.data)
+        teacher = build_teacher(cfg.teacher, data)
         assert teacher.fingerprint() == files["fingerprint"]
-        stats[derivative] = compute_statistics(cfg, teacher, build_data_source(cfg, teacher, data))
+        stats[derivative] = compute_statistics(cfg.precond.statistics, teacher, build_data_source(cfg.data, teacher, data))
     jvp, fd = stats["jvp"], stats["fd"]
     assert jvp.settings["derivative"] == "jvp" and fd.settings["derivative"] == "fd"
     np.testing.assert_array_equal(jvp.lam, fd.lam)

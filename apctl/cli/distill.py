@@ -42,9 +42,8 @@ def distill(
         return
 
     from apctl.cli.ui import DistillReporter, ProgressCallback
-    from apctl.distill import finish_run, start_run
     from apctl.training import distributed
-    from apctl.training.run import train
+    from apctl.training.run import alignment_probe, finish, prepare, train
 
     distributed.init()
     try:
@@ -53,10 +52,11 @@ def distill(
             from apctl.training.run import SilentReporter
 
             reporter = SilentReporter()
-        run, probe = start_run(cfg, out, reporter, ProgressCallback("teacher ODE reference"))
+        run = prepare(cfg, out, reporter)
+        probe = alignment_probe(run, ProgressCallback("teacher ODE reference"))
         train(run, reporter, probe)
         if distributed.is_main():
-            summary = finish_run(run)
+            summary = finish(run)
             for line in summary:
                 console.print(line)
     finally:

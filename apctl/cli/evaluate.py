@@ -46,9 +46,9 @@ def evaluate(
     if weights not in ("ema", "student", "target"):
         raise ApctlError(f"--weights must be ema, student or target, got {weights!r}")
     from apctl.cli.ui import ProgressCallback, console
-    from apctl.evaluation import measure
+    from apctl.metrics.evaluation import measure
     from apctl.metrics.alignment import AlignmentProbe
-    from apctl.students import load_trained_student
+    from apctl.training.trained import load_trained_student
 
     trained = load_trained_student(ckpt, weights)
     e = trained.cfg.eval

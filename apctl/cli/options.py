@@ -17,23 +17,17 @@ DataOpt = typer.Option(None, "--data", metavar="PATH",
                        help="Data set: a CIFAR-10 archive or folder, an EDM dataset zip/folder, or a folder of images (kind inferred from the path).")
 
 
-def _toml_string(path: Path) -> str:
-    import json
-
-    return json.dumps(str(path.expanduser().absolute()))
-
-
 def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optional[Path] = None,
                    data: Optional[Path] = None):
-    """Preset + --teacher/--data (shorthands for teacher.file, data.path and data.kind) + --set, validated once."""
+    """Preset, then --teacher/--data (teacher.kind/file, data.kind/path as plain values), then --set."""
     from apctl.config import load_config
 
     # Absolute paths, so that `sample` and `eval` find the files from any working directory.
-    extra = []
+    paths: dict = {}
     if teacher is not None:
-        extra += ['teacher.kind="network"', f"teacher.file={_toml_string(teacher)}"]
+        paths["teacher"] = {"kind": "network", "file": str(teacher.expanduser().absolute())}
     if data is not None:
         from apctl.data import infer_data_kind
 
-        extra += [f"data.path={_toml_string(data)}", f'data.kind="{infer_data_kind(data)}"']
-    return load_config(preset, extra + list(overrides or []))
+        paths["data"] = {"kind": infer_data_kind(data), "path": str(data.expanduser().absolute())}
+    return load_config(preset, list(overrides or []), paths)

@@ -45,9 +45,10 @@ def compute(
     from apctl.preconditioning.build import compute_statistics
     from apctl.teachers import build_teacher
 
-    data_set = load_training_data(cfg)
-    t = build_teacher(cfg, data_set)
-    stats = compute_statistics(cfg, t, build_data_source(cfg, t, data_set), ProgressCallback("l_σ, s_σ"))
+    data_set = load_training_data(cfg.data)
+    t = build_teacher(cfg.teacher, data_set)
+    stats = compute_statistics(cfg.precond.statistics, t, build_data_source(cfg.data, t, data_set),
+                               ProgressCallback("l_σ, s_σ"))
     stats.save(output)
     console.print(f"{len(stats.lam)} levels, σ ∈ [{stats.sigma.min():g}, {stats.sigma.max():g}], "
                   f"l ∈ [{stats.l.min():.3g}, {stats.l.max():.3g}], s ∈ [{stats.s.min():.3g}, {stats.s.max():.3g}] → {output}")

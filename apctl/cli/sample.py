@@ -47,7 +47,7 @@ def sample(
     from apctl.cli.ui import ProgressCallback, console
     from apctl.plots import plot_samples
     from apctl.sampling import check_sigmas, default_sigmas, student_sample, teacher_sample
-    from apctl.students import load_trained_student
+    from apctl.training.trained import load_trained_student
 
     trained = load_trained_student(ckpt, weights)
     sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid)

@@ -1,24 +1,24 @@
-"""Where training batches x_0 come from: exact samples of an analytic teacher, or a data set."""
+"""Where training batches x_0 come from, as the `[data]` section says: exact samples of an analytic
+teacher (data.kind = "teacher") or a data set held in memory."""
 
 from __future__ import annotations
 
 import torch
 
-from apctl.config import Config
+from apctl.config import DataConfig
 from apctl.data.images import ImageData
-from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
 
 
 class TeacherSamples:
-    """Exact draws x_0 ~ p_data of a Gaussian-mixture teacher (its own data distribution)."""
+    """Exact draws x_0 ~ p_data of an exact teacher (its own data distribution), with classes drawn
+    by the mixture weights when the run is class-conditional."""
 
-    def __init__(self, teacher: GaussianMixtureTeacher, conditional: bool):
+    def __init__(self, teacher, conditional: bool):
         self.teacher = teacher
-        self.conditional = conditional and teacher.label_dim > 0
-        self.label_dim = teacher.label_dim if self.conditional else 0
+        self.label_dim = teacher.label_dim if conditional else 0
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.conditional:
+        if not self.label_dim:
             return self.teacher.sample(batch_size, generator).float(), None
         k = torch.multinomial(self.teacher.log_weights.exp(), batch_size, replacement=True, generator=generator)
         classes = self.teacher.classes[k]
@@ -27,32 +27,31 @@ class TeacherSamples:
 
 
 class DatasetSamples:
-    """Uniform draws (with replacement, optional x-flips) from an in-memory image data set."""
+    """Uniform draws (with replacement, optional x-flips) from an in-memory image data set; labels
+    exactly when the data set was loaded with them."""
 
-    def __init__(self, data: ImageData, xflip: bool, conditional: bool):
+    def __init__(self, data: ImageData, xflip: bool):
         self.data = data
         self.xflip = xflip
-        self.conditional = conditional and data.label_dim > 0
-        self.label_dim = data.label_dim if self.conditional else 0
+        self.label_dim = data.label_dim
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x0, labels = self.data.sample_batch(generator, batch_size, xflip=self.xflip)
-        return x0, labels if self.conditional else None
+        return self.data.sample_batch(generator, batch_size, xflip=self.xflip)
 
 
-def load_training_data(cfg: Config) -> ImageData | None:
-    """The data set a config names (None for data.kind = 'teacher')."""
+def load_training_data(cfg: DataConfig) -> ImageData | None:
+    """The data set of the `[data]` section (None for kind = 'teacher'), labelled iff class-conditional."""
     from apctl.data import load_image_data
 
-    kind = cfg.data.kind
-    if kind == "teacher":
+    if cfg.kind == "teacher":
         return None
-    if kind == "digits":
-        return load_image_data("digits", None, resolution=cfg.data.resolution)
-    return load_image_data(kind, cfg.data.path or None)
+    options = {"use_labels": cfg.class_conditional}
+    if cfg.kind == "digits":
+        return load_image_data("digits", None, resolution=cfg.resolution, **options)
+    return load_image_data(cfg.kind, cfg.path or None, **options)
 
 
-def build_data_source(cfg: Config, teacher, data: ImageData | None):
-    if isinstance(teacher, GaussianMixtureTeacher):
-        return TeacherSamples(teacher, cfg.data.class_conditional)
-    return DatasetSamples(data, cfg.data.xflip, cfg.data.class_conditional)
+def build_data_source(cfg: DataConfig, teacher, data: ImageData | None):
+    if cfg.kind == "teacher":
+        return TeacherSamples(teacher, cfg.class_conditional)
+    return DatasetSamples(data, cfg.xflip)

@@ -3,7 +3,6 @@
 from apctl.networks.edm_precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from apctl.networks.edm_unets import DhariwalUNet, SongUNet
 from apctl.networks.registry import (
-    EDM_PRESET_CLASS,
     EDM_PRESET_KWARGS,
     NETWORK_CLASSES,
     build_network,
@@ -22,7 +21,6 @@ __all__ = [
     "TwoTimeDenoiser",
     "NETWORK_CLASSES",
     "EDM_PRESET_KWARGS",
-    "EDM_PRESET_CLASS",
     "build_network",
     "build_preset",
     "count_parameters",

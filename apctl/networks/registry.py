@@ -26,7 +26,6 @@ from apctl.networks.edm_unets import DhariwalUNet, SongUNet
 __all__ = [
     "NETWORK_CLASSES",
     "EDM_PRESET_KWARGS",
-    "EDM_PRESET_CLASS",
     "build_network",
     "build_preset",
     "count_parameters",
@@ -119,12 +118,9 @@ EDM_PRESET_KWARGS: dict[str, dict[str, Any]] = {
                         num_blocks=1, attn_resolutions=[8], dropout=0.0),
 }
 
-# Every preset above is an EDMPrecond network.
-EDM_PRESET_CLASS: dict[str, str] = {name: "EDMPrecond" for name in EDM_PRESET_KWARGS}
-
 
 def build_preset(name: str, device: torch.device | str | None = None) -> nn.Module:
     """The (freshly initialised) network of preset `name` from `EDM_PRESET_KWARGS`."""
     if name not in EDM_PRESET_KWARGS:
         raise ApctlError(f"unknown network preset {name!r}; known: {', '.join(EDM_PRESET_KWARGS)}")
-    return build_network(EDM_PRESET_CLASS[name], EDM_PRESET_KWARGS[name], device=device)
+    return build_network("EDMPrecond", EDM_PRESET_KWARGS[name], device=device)

@@ -1,4 +1,8 @@
-"""Building the two-time student D_θ(x, t, s) a config asks for, fresh or from a checkpoint's architecture."""
+"""The two-time student D_θ(x, t, s) of the `[student]` section, fresh or from a checkpoint's architecture.
+
+`student_architecture` returns plain data (saved in every checkpoint) and `build_student` turns it
+into modules, so a checkpoint rebuilds its student without the config that made it.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +10,49 @@ from typing import Any
 
 from torch import nn
 
-from apctl.config import Config
+from apctl.config import StudentConfig
 from apctl.errors import ApctlError
 from apctl.networks.mlp import TwoTimeMLP
 
 
-def student_architecture(cfg: Config, shape: tuple[int, ...], label_dim: int, teacher=None) -> dict[str, Any]:
-    """Plain data that rebuilds the student's modules (saved in every checkpoint)."""
-    st = cfg.student
-    if st.kind == "mlp":
-        return {"kind": "mlp", "shape": list(shape), "label_dim": label_dim, "hidden": st.hidden,
-                "depth": st.depth, "embed_dim": st.embed_dim}
-    network = getattr(teacher, "network", None)
-    if st.init_from_teacher and network is not None:
-        return {"kind": "unet", "init_kwargs": dict(network.init_kwargs)}
+def student_architecture(cfg: StudentConfig, shape: tuple[int, ...], label_dim: int,
+                         teacher_network: nn.Module | None = None) -> dict[str, Any]:
+    """The student's architecture: an MLP for vectors; for images the teacher network's own
+    architecture when starting from it (`init_from_teacher`; the preset's `network` when planning
+    without the teacher file), else the preset network resized to the data."""
+    if cfg.kind == "mlp":
+        return {"kind": "mlp", "shape": list(shape), "label_dim": label_dim, "hidden": cfg.hidden,
+                "depth": cfg.depth, "embed_dim": cfg.embed_dim}
+    if cfg.init_from_teacher and teacher_network is not None:
+        return {"kind": "unet", "init_kwargs": dict(teacher_network.init_kwargs)}
     from apctl.networks.registry import EDM_PRESET_KWARGS
 
-    if st.network not in EDM_PRESET_KWARGS:
-        raise ApctlError(f"student.network: unknown network preset {st.network!r} (known: {', '.join(EDM_PRESET_KWARGS)})")
-    kwargs = dict(EDM_PRESET_KWARGS[st.network])
-    if st.init_from_teacher:
-        return {"kind": "unet", "init_kwargs": kwargs}  # the teacher's own architecture (planned without its file)
+    if cfg.network not in EDM_PRESET_KWARGS:
+        raise ApctlError(f"student.network: unknown network preset {cfg.network!r} (known: {', '.join(EDM_PRESET_KWARGS)})")
+    kwargs = dict(EDM_PRESET_KWARGS[cfg.network])
+    if cfg.init_from_teacher:
+        return {"kind": "unet", "init_kwargs": kwargs}
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ApctlError(f"student.kind = 'unet' needs square images, got data shape {tuple(shape)}")
     kwargs.update(img_channels=shape[0], img_resolution=shape[1], label_dim=label_dim)
     return {"kind": "unet", "init_kwargs": kwargs}
 
 
-def build_student(arch: dict[str, Any], teacher=None, init_from_teacher: bool = False) -> nn.Module:
+def build_student(arch: dict[str, Any], teacher_network: nn.Module | None = None) -> nn.Module:
+    """The student of `arch`; with `teacher_network` a copy of it plus a zero-initialised s-embedding
+    (so D_θ(x, t, s) = D_teacher(x, t) at the start), else freshly initialised."""
     if arch["kind"] == "mlp":
         return TwoTimeMLP(tuple(arch["shape"]), arch["label_dim"], arch["hidden"], arch["depth"], arch["embed_dim"])
     from apctl.networks.two_time import TwoTimeDenoiser
 
-    if init_from_teacher and getattr(teacher, "network", None) is not None:
-        return TwoTimeDenoiser.from_teacher(teacher.network)
+    if teacher_network is not None:
+        return TwoTimeDenoiser.from_teacher(teacher_network)
     return TwoTimeDenoiser.from_init_kwargs(arch["init_kwargs"])
+
+
+def student_data_shape(arch: dict[str, Any]) -> tuple[tuple[int, ...], int]:
+    """(per-sample shape, label_dim) a student of `arch` takes."""
+    if arch["kind"] == "mlp":
+        return tuple(arch["shape"]), arch["label_dim"]
+    k = arch["init_kwargs"]
+    return (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim", 0)

@@ -106,42 +106,10 @@ class TwoTimeDenoiser(nn.Module):
         """A freshly initialised student whose base is `EDMPrecond(**init_kwargs)` (for resuming)."""
         return cls(EDMPrecond(**dict(init_kwargs)), copy_base=False, **kwargs)
 
-    # ---- EDM attributes of the wrapped network ---------------------------------------------
-    @property
-    def img_resolution(self) -> int:
-        return self.net.img_resolution
-
-    @property
-    def img_channels(self) -> int:
-        return self.net.img_channels
-
-    @property
-    def label_dim(self) -> int:
-        return self.net.label_dim
-
-    @property
-    def sigma_data(self) -> float:
-        return self.net.sigma_data
-
-    @property
-    def sigma_min(self) -> float:
-        return self.net.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.net.sigma_max
-
     @property
     def init_kwargs(self) -> dict:
-        """The wrapped EDMPrecond's constructor arguments."""
+        """The wrapped EDMPrecond's constructor arguments (what a checkpoint records to rebuild it)."""
         return dict(self.net.init_kwargs)
-
-    def scalings(self, t: torch.Tensor):
-        """EDM's (c_skip, c_out, c_in, c_noise) at t."""
-        return self.net.scalings(t)
-
-    def round_sigma(self, sigma):
-        return self.net.round_sigma(sigma)
 
     # ---- the function ----------------------------------------------------------------------
     def embed_s(self, s: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from apctl.config import Config
+from apctl.config import ObjectiveConfig
 from apctl.errors import ApctlError
 from apctl.objectives.distances import build_distance
 from apctl.preconditioning.jump import jump
 from apctl.schedules import SIGMA_DATA, karras_sigmas
-from apctl.solvers import heun_step
+from apctl.sampling import heun_step
 
 P_MEAN, P_STD = -1.2, 1.2
 
@@ -133,12 +133,12 @@ class CDObjective(_GridObjective):
         return loss, {"loss": loss.item()}
 
 
-def build_objective(cfg: Config, teacher, precond):
-    o = cfg.objective
-    grid = karras_sigmas(o.grid_points)
-    distance = build_distance(o.distance, o.huber_c, o.lpips_net, o.lpips_trunk)
-    if o.kind == "ctm":
-        return CTMObjective(teacher, precond, grid, distance, o.max_teacher_steps, o.dsm_weight)
-    if o.kind == "cd":
+def build_objective(cfg: ObjectiveConfig, teacher, precond):
+    """The objective of the `[objective]` section: shared keys here, the kind's own keys from its section."""
+    grid = karras_sigmas(cfg.grid_points)
+    distance = build_distance(cfg.distance)
+    if cfg.kind == "ctm":
+        return CTMObjective(teacher, precond, grid, distance, cfg.ctm.max_teacher_steps, cfg.ctm.dsm_weight)
+    if cfg.kind == "cd":
         return CDObjective(teacher, precond, grid, distance)
-    raise ApctlError(f"unknown objective {o.kind!r}")
+    raise ApctlError(f"unknown objective {cfg.kind!r}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from apctl.config import DistanceConfig
+
 
 class SquaredL2(nn.Module):
     """d(a, b) = mean_i (a_i − b_i)²  (per dimension, so losses are comparable across data sizes)."""
@@ -25,13 +27,14 @@ class PseudoHuber(nn.Module):
         return (sq + self.c ** 2).sqrt() - self.c
 
 
-def build_distance(kind: str, huber_c: float = 0.03, lpips_net: str = "alex", lpips_trunk: str = "") -> nn.Module:
-    if kind == "l2":
+def build_distance(cfg: DistanceConfig) -> nn.Module:
+    """The distance of the `[objective.distance]` section."""
+    if cfg.kind == "l2":
         return SquaredL2()
-    if kind == "pseudo_huber":
-        return PseudoHuber(huber_c)
-    if kind == "lpips":
+    if cfg.kind == "pseudo_huber":
+        return PseudoHuber(cfg.huber_c)
+    if cfg.kind == "lpips":
         from apctl.objectives.lpips_distance import LPIPSDistance
 
-        return LPIPSDistance(net=lpips_net, trunk_path=lpips_trunk or None)
-    raise ValueError(f"unknown distance {kind!r}")
+        return LPIPSDistance(net=cfg.lpips_net, trunk_path=cfg.lpips_trunk or None)
+    raise ValueError(f"unknown distance {cfg.kind!r}")

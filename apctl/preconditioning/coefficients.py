@@ -34,10 +34,17 @@ from apctl.schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, c_skip
 
 
 class Preconditioning(Protocol):
+    """The contract every preconditioning keeps. `state_dict()` holds all it needs beyond its config
+    (saved in checkpoints under `precond.`); `needs_statistics` says whether building one takes
+    teacher statistics."""
+
     name: str
+    needs_statistics: bool
 
     def coefficients(self, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f, g) per element of the broadcast t, s (σ units, t ≥ s), float64."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
 def _as_float64(t, s) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,16 +57,21 @@ class CTMPrecond:
     """CTM's Euler preconditioning: f = s/t, g = 1 − s/t."""
 
     name = "ctm"
+    needs_statistics = False
 
     def coefficients(self, t, s):
         t, s = _as_float64(t, s)
         return s / t, 1.0 - s / t
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 class CMPrecond:
     """CM's c_skip/c_out preconditioning on the EDM denoiser, boundary at the landing time s."""
 
     name = "cm"
+    needs_statistics = False
 
     def __init__(self, sigma_data: float = SIGMA_DATA):
         self.sigma_data = sigma_data
@@ -69,6 +81,9 @@ class CMPrecond:
         g = 1.0 - s / t
         skip_cm = self.sigma_data ** 2 / ((t - s) ** 2 + self.sigma_data ** 2)
         return skip_cm - g * c_skip(t, self.sigma_data), g
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 class AnalyticPrecond:
@@ -82,6 +97,7 @@ class AnalyticPrecond:
     """
 
     name = "analytic"
+    needs_statistics = True
 
     def __init__(self, lam: np.ndarray, l: np.ndarray, s: np.ndarray, form: str = "backward",
                  interpolation: str = "cubic", step: float = 1e-3):
@@ -116,6 +132,18 @@ class AnalyticPrecond:
         """From exact statistics l(λ), s(λ), sampled on a fine uniform λ grid (tests and oracles)."""
         lam = np.linspace(-math.log(sigma_max), -math.log(sigma_min), points)
         return cls(lam, l_fn(lam), s_fn(lam), **kwargs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tabulated statistics (λ_k, l_k, s_k), float64: with form and interpolation (config)
+        they rebuild this preconditioning exactly."""
+        return {name: torch.from_numpy(getattr(self, name).copy()) for name in ("lam", "l", "s")}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], **kwargs) -> "AnalyticPrecond":
+        missing = {"lam", "l", "s"} - state.keys()
+        if missing:
+            raise ApctlError(f"Analytic-Precond state lacks {', '.join(sorted(missing))}")
+        return cls(*(state[k].double().numpy() for k in ("lam", "l", "s")), **kwargs)
 
     @property
     def sigma_range(self) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Teachers: anything with D(x, σ, labels), a data `shape`, a `label_dim` and a `fingerprint()`."""
+"""Teachers: the frozen denoiser D(x, σ, labels) a student learns from, exact mixtures or EDM networks."""
 
 from __future__ import annotations
 
@@ -9,18 +9,39 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from apctl.config import Config
+from apctl.config import TeacherConfig
 from apctl.errors import ApctlError
 from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
 
 
 class Teacher(Protocol):
+    """The contract every teacher keeps; nothing outside `teachers/` asks a teacher what it is.
+
+    shape      per-sample data shape, e.g. (2,) or (C, H, W)
+    label_dim  number of classes (0: unconditional); labels are one-hot (B, label_dim)
+    dtype      the dtype it computes in (float64 for exact mixtures, float32 for networks)
+    device     where its tensors live; `to(device)` moves them and returns the teacher
+    network    the EDM network (nn.Module) a student can start from, or None for exact teachers
+    exact      True when `sample` draws exact samples of its data distribution
+    """
+
     shape: tuple[int, ...]
     label_dim: int
+    dtype: torch.dtype
+    network: torch.nn.Module | None
+    exact: bool
+
+    @property
+    def device(self) -> torch.device: ...
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def fingerprint(self) -> str: ...
+
+    def to(self, device: torch.device | str) -> "Teacher": ...
+
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact samples x_0, shape (n, *shape), for `exact` teachers (integer `labels` pick classes)."""
 
 
 TEACHER_DIR_ENV = "APCTL_TEACHERS"
@@ -47,9 +68,9 @@ def find_teacher_file(name: str) -> Path:
                      f"or put it in ${TEACHER_DIR_ENV}")
 
 
-def build_teacher(cfg: Config, data=None) -> Teacher:
-    """The teacher a config describes; `data` (an ImageData) is needed for empirical teachers."""
-    t = cfg.teacher
+def build_teacher(t: TeacherConfig, data=None) -> Teacher:
+    """The teacher of the `[teacher]` section; `data` (an ImageData, labelled when the run is
+    class-conditional) is needed for empirical teachers."""
     if t.kind == "gmm":
         stds = t.stds if isinstance(t.stds, list) else [float(t.stds)] * len(t.means)
         try:
@@ -60,8 +81,7 @@ def build_teacher(cfg: Config, data=None) -> Teacher:
         if data is None:
             raise ApctlError("an empirical teacher needs its data set")
         means = data.to_tensor().double().reshape(len(data), -1).numpy()
-        classes = data.labels if (cfg.data.class_conditional and data.labels is not None) else None
-        return GaussianMixtureTeacher(means, np.full(len(data), t.bandwidth), None, classes,
+        return GaussianMixtureTeacher(means, np.full(len(data), t.bandwidth), None, data.labels,
                                       shape=data.image_shape, name=f"empirical-{data.name}")
     if t.kind == "network":
         from apctl.teachers.importers import load_teacher

@@ -44,6 +44,8 @@ class GaussianMixtureTeacher:
     """
 
     dtype = torch.float64
+    exact = True
+    network = None
 
     def __init__(self, means, stds, weights=None, classes=None, shape=None, name: str = "gmm"):
         means = torch.as_tensor(np.asarray(means), dtype=torch.float64)
@@ -89,11 +91,25 @@ class GaussianMixtureTeacher:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for tensor in (self.means, self.variances, self.log_weights):
-            h.update(tensor.numpy().tobytes())
+            h.update(tensor.cpu().numpy().tobytes())
         if self.classes is not None:
-            h.update(self.classes.numpy().tobytes())
+            h.update(self.classes.cpu().numpy().tobytes())
         h.update(repr(self.shape).encode())
         return "gmm-" + h.hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def to(self, device) -> "GaussianMixtureTeacher":
+        """Move every tensor (and the per-class sub-mixtures) to `device`; returns self."""
+        for name in ("means", "variances", "c2", "_sq_means", "log_weights", "classes"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        for sub in self._per_class.values():
+            sub.to(device)
+        return self
 
     # --- exact derivatives ------------------------------------------------------------------------
     def jacobian_trace(self, x, sigma, labels=None) -> torch.Tensor:

@@ -10,6 +10,7 @@ class NetworkTeacher:
     """Wraps an EDM-preconditioned network (EDMPrecond, VPPrecond, VEPrecond), frozen, in eval mode."""
 
     dtype = torch.float32
+    exact = False
 
     def __init__(self, network: nn.Module, fingerprint: str, source: str = ""):
         self.network = network.eval().requires_grad_(False)
@@ -24,6 +25,13 @@ class NetworkTeacher:
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def sample(self, n, generator=None, labels=None) -> torch.Tensor:
+        raise TypeError("a network teacher has no exact samples; integrate its ODE (apctl.sampling.teacher_sample)")
 
     def to(self, device) -> "NetworkTeacher":
         self.network.to(device)

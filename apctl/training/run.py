@@ -1,9 +1,11 @@
-"""A distillation run: build every part from the config, train, checkpoint, resume by re-running.
+"""A distillation run: build every part from its config section, train, checkpoint, resume by re-running.
 
 Read top to bottom: `prepare` builds the teacher, data, statistics, preconditioning, objective,
 student, target network θ⁻, evaluation EMA and optimizer, and restores the latest checkpoint of
-the run directory if there is one; `train` is the loop. Every random draw of step k comes from
-a generator seeded by (run seed, rank, k), so a resumed run repeats an uninterrupted one exactly.
+the run directory if there is one; `alignment_probe` measures the EMA student against the teacher's
+ODE during training; `train` is the loop; `finish` writes the final samples and a summary. Every
+random draw of step k comes from a generator seeded by (run seed, rank, k), so a resumed run repeats
+an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ class Run:
     run_dir: Path
     teacher: Any
     data_source: Any
-    stats: Any
     precond: Any
     objective: Any
     student: torch.nn.Module
@@ -97,30 +98,12 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
-def build_teacher_and_data(cfg: Config):
-    """The teacher and the source of training batches (loads teacher and data files)."""
-    from apctl.data.sources import build_data_source, load_training_data
-    from apctl.teachers import build_teacher
-
-    data = load_training_data(cfg)
-    teacher = build_teacher(cfg, data)
-    return teacher, build_data_source(cfg, teacher, data)
-
-
-def build_preconditioning_for(cfg: Config, teacher, data_source, reporter: Reporter, stats_cache: Path | None):
-    """Statistics (Analytic-Precond only: from file, cache or estimated) and the preconditioning."""
-    from apctl.preconditioning.build import build_preconditioning, obtain_statistics
-
-    stats = None
-    if cfg.precond.kind == "analytic":
-        stats, origin = obtain_statistics(cfg, teacher, data_source, stats_cache, reporter.statistics_progress)
-        reporter.message(f"Analytic-Precond statistics: {origin} ({len(stats.lam)} levels)")
-    return stats, build_preconditioning(cfg, stats)
-
-
 def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run:
+    from apctl.data.sources import build_data_source, load_training_data
     from apctl.networks.student import build_student, student_architecture
     from apctl.objectives import build_objective
+    from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
+    from apctl.teachers import build_teacher
 
     reporter = reporter or SilentReporter()
     run_dir = Path(run_dir)
@@ -138,7 +121,9 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # Files are read before anything is written: a missing teacher or data set leaves no run directory.
-    teacher, data_source = build_teacher_and_data(cfg)
+    data = load_training_data(cfg.data)
+    teacher = build_teacher(cfg.teacher, data)
+    data_source = build_data_source(cfg.data, teacher, data)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_to_toml(cfg))
@@ -147,24 +132,27 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # Only rank 0 estimates statistics; the others then read its cache.
-    stats_cache = run_dir / "precond_stats.safetensors"
-    if not distributed.is_main():
-        distributed.barrier()
-    stats, precond = build_preconditioning_for(cfg, teacher, data_source, reporter, stats_cache)
-    if distributed.is_main():
-        distributed.barrier()
-    if hasattr(teacher, "to"):
-        teacher.to(device)
+    stats = None
+    if needs_statistics(cfg.precond):
+        if not distributed.is_main():
+            distributed.barrier()
+        stats, origin = obtain_statistics(cfg.precond, teacher, data_source, run_dir / "precond_stats.safetensors",
+                                          reporter.statistics_progress)
+        reporter.message(f"Analytic-Precond statistics: {origin} ({len(stats.lam)} levels)")
+        if distributed.is_main():
+            distributed.barrier()
+    precond = build_preconditioning(cfg.precond, stats)
+    teacher.to(device)
 
     torch.manual_seed(cfg.run.seed)
-    arch = student_architecture(cfg, teacher.shape, data_source.label_dim, teacher)
-    student = build_student(arch, teacher, cfg.student.init_from_teacher).to(device)
+    arch = student_architecture(cfg.student, teacher.shape, data_source.label_dim, teacher.network)
+    student = build_student(arch, teacher.network if cfg.student.init_from_teacher else None).to(device)
     target, ema = frozen_copy(student), frozen_copy(student)
     opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.training.optimizer]
     optimizer = opt_cls(student.parameters(), lr=cfg.training.lr)
-    objective = build_objective(cfg, teacher, precond)
+    objective = build_objective(cfg.objective, teacher, precond)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
-    run = Run(cfg, run_dir, teacher, data_source, stats, precond, objective, student, target, ema, optimizer,
+    run = Run(cfg, run_dir, teacher, data_source, precond, objective, student, target, ema, optimizer,
               arch, device, scaler)
     if latest is not None:
         run.student.load_state_dict(latest.group("student"))
@@ -189,16 +177,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def save(run: Run, logs: dict | None = None) -> Path | None:
     if not distributed.is_main():
         return None
-    extra = {}
-    if run.stats is not None:
-        extra = {f"precond.{k}": torch.from_numpy(getattr(run.stats, k)) for k in ("lam", "l", "s")}
     meta = {"config": run.cfg.to_dict(), "student": run.arch, "teacher_fingerprint": run.teacher.fingerprint(),
-            "precond": {"kind": run.cfg.precond.kind, "form": run.cfg.precond.form,
-                        "interpolation": run.cfg.precond.interpolation},
             "scaler": run.scaler.state_dict(), "logs": logs or {}}
+    precond_state = {f"precond.{k}": v for k, v in run.precond.state_dict().items()}
     return save_checkpoint(run.checkpoint_dir, run.step, meta,
                            {"student": run.student, "target": run.target, "ema": run.ema},
-                           run.optimizer, None, extra, keep=run.cfg.training.keep_checkpoints)
+                           run.optimizer, extra_tensors=precond_state, keep=run.cfg.training.keep_checkpoints)
 
 
 def _autocast(run: Run):
@@ -268,3 +252,47 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
     save(run, logs)
     reporter.finish()
     return run
+
+
+def alignment_probe(run: Run, progress=None):
+    """probe(run) → {"align_nfe1", "align_nfe2"}: the EMA student's alignment RMS with the teacher's
+    ODE on fixed noise (`[eval]` seed, at most 1,024 samples); None when `training.eval_every` = 0."""
+    from apctl.metrics.evaluation import training_probe
+
+    if not run.cfg.training.eval_every:
+        return None
+    e = run.cfg.eval
+    return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
+                          e.seed, e.teacher_steps, run.objective.grid.numpy(), progress=progress)
+
+
+@torch.no_grad()
+def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np.ndarray | None]:
+    """`nfe`-step samples of the evaluation EMA and, for exact teachers, exact teacher samples."""
+    from apctl.sampling import default_sigmas, student_sample
+
+    gen = torch.Generator().manual_seed(run.cfg.eval.seed)
+    z = torch.randn((n, *run.teacher.shape), generator=gen)
+    labels = None
+    if run.data_source.label_dim:
+        labels = torch.nn.functional.one_hot(torch.arange(n) % run.data_source.label_dim, run.data_source.label_dim).float()
+    samples = student_sample(run.ema, run.precond, z.to(run.device), default_sigmas(nfe, run.objective.grid.numpy()),
+                             None if labels is None else labels.to(run.device))
+    reference = run.teacher.sample(n, gen).float().cpu().numpy() if run.teacher.exact else None
+    return samples.cpu().numpy(), reference
+
+
+def finish(run: Run) -> list[str]:
+    """Write samples.png and return summary lines."""
+    from apctl.plots import plot_samples
+
+    image = len(run.teacher.shape) == 3
+    samples, reference = final_samples(run, n=64 if image else 1024)
+    path = run.run_dir / "samples.png"
+    plot_samples(samples, path, None if image else reference, title=f"{run.cfg.run.name}: 2-step samples, step {run.step}")
+    lines = [f"run directory: {run.run_dir}", f"2-step samples: {path}"]
+    last = next((h for h in reversed(run.history) if "align_nfe2" in h), None)
+    if last:
+        lines.append(f"alignment RMS vs teacher ODE at step {last['step']}: "
+                     f"1 step {last['align_nfe1']:.4f}, 2 steps {last['align_nfe2']:.4f}")
+    return lines

@@ -1,4 +1,7 @@
-"""Few-step sampling from a two-time student, and the teacher's Heun sampler for reference.
+"""Sampling: the teacher's probability-flow ODE solver, and few-step sampling from a two-time student.
+
+The teacher's PF-ODE (EDM, Karras et al. 2022, eq. 4 with σ(t) = t):  dx/dσ = (x − D(x, σ))/σ,
+integrated by Heun's method (EDM Algorithm 1).
 
 CTM γ-sampling (Kim et al. 2024) over decreasing noise levels σ_0 = σ_max > σ_1 > … > σ_n = σ_min:
 
@@ -14,7 +17,7 @@ CTM γ-sampling (Kim et al. 2024) over decreasing noise levels σ_0 = σ_max > �
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +25,44 @@ import torch
 from apctl.errors import ApctlError
 from apctl.preconditioning.jump import jump
 from apctl.schedules import SIGMA_MAX, SIGMA_MIN, karras_sigmas, snap_to_grid
-from apctl.solvers import heun_solve
 
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _per_sample(sigma: float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
+
+
+def heun_step(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, u: torch.Tensor,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
+    """One Heun step of the PF-ODE from σ = t to σ = u (per-sample tensors of shape (B,)).
+
+    Euler predictor x' = x + (u − t)·d(x, t) with d = (x − D)/σ, then the trapezoidal corrector
+    x_u = x + (u − t)·(d(x, t) + d(x', u))/2. Where u = 0 the corrector is skipped (EDM does the same),
+    since d(·, 0) is undefined.
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    tb, ub = t.view(shape), u.view(shape)
+    d_t = (x - denoise(x, t, labels)) / tb
+    x_euler = x + (ub - tb) * d_t
+    if bool((u <= 0).all()):
+        return x_euler
+    safe_u = torch.where(u > 0, u, torch.ones_like(u))
+    d_u = (x_euler - denoise(x_euler, safe_u, labels)) / safe_u.view(shape)
+    x_heun = x + (ub - tb) * 0.5 * (d_t + d_u)
+    return torch.where(ub > 0, x_heun, x_euler)
+
+
+def heun_solve(denoise: Denoiser, x: torch.Tensor, sigmas: Sequence[float],
+               labels: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Integrate the PF-ODE through the decreasing noise levels `sigmas` with Heun steps.
+
+    `progress(done, total)` is called after each step."""
+    for i in range(len(sigmas) - 1):
+        x = heun_step(denoise, x, _per_sample(sigmas[i], x), _per_sample(sigmas[i + 1], x), labels)
+        if progress is not None:
+            progress(i + 1, len(sigmas) - 1)
+    return x
 
 def default_sigmas(nfe: int, grid: np.ndarray | None = None) -> list[float]:
     """The documented default σ list for `nfe` steps: a Karras (ρ = 7) schedule of nfe + 1 levels
@@ -80,5 +119,5 @@ def teacher_sample(teacher, z: torch.Tensor, steps: int, labels: torch.Tensor | 
     (2·steps − 1 network evaluations; EDM's final step to σ = 0 is left out so that the result is
     comparable with a student's landing at σ_min)."""
     sigmas = karras_sigmas(steps + 1, sigma_min, sigma_max)
-    x = (z * sigma_max).to(getattr(teacher, "dtype", z.dtype))
+    x = (z * sigma_max).to(teacher.dtype)
     return heun_solve(teacher, x, sigmas.tolist(), labels, progress=progress).to(z.dtype)

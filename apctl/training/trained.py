@@ -11,8 +11,7 @@ import torch
 from apctl.checkpoints import Checkpoint, load_checkpoint
 from apctl.config import Config, config_from_dict
 from apctl.errors import ApctlError
-from apctl.preconditioning.build import build_preconditioning
-from apctl.preconditioning.statistics import PrecondStatistics
+from apctl.preconditioning.build import preconditioning_from_state
 from apctl.schedules import karras_sigmas
 
 
@@ -31,7 +30,8 @@ class TrainedStudent:
         from apctl.data.sources import load_training_data
         from apctl.teachers import build_teacher
 
-        teacher = build_teacher(self.cfg, load_training_data(self.cfg) if self.cfg.teacher.kind == "empirical" else None)
+        data = load_training_data(self.cfg.data) if self.cfg.teacher.kind == "empirical" else None
+        teacher = build_teacher(self.cfg.teacher, data)
         if teacher.fingerprint() != self.checkpoint.meta.get("teacher_fingerprint"):
             raise ApctlError(f"the teacher this config describes ({teacher.fingerprint()}) is not the one "
                              f"{self.checkpoint.path} was distilled from ({self.checkpoint.meta.get('teacher_fingerprint')})")
@@ -40,7 +40,7 @@ class TrainedStudent:
 
 def load_trained_student(path: str | Path, weights: str = "ema") -> TrainedStudent:
     """`weights` ∈ {'ema' (evaluation EMA, default), 'student' (raw), 'target' (θ⁻)}."""
-    from apctl.networks.student import build_student
+    from apctl.networks.student import build_student, student_data_shape
 
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt.meta["config"], source=str(ckpt.path))
@@ -54,15 +54,6 @@ def load_trained_student(path: str | Path, weights: str = "ema") -> TrainedStude
     except RuntimeError as exc:
         raise ApctlError(f"{ckpt.path}: weights do not fit the saved architecture ({str(exc).splitlines()[0]})") from None
     net.eval().requires_grad_(False)
-    stats = None
-    if cfg.precond.kind == "analytic":
-        p = ckpt.group("precond")
-        stats = PrecondStatistics(p["lam"].double().numpy(), p["l"].double().numpy(), p["s"].double().numpy(),
-                                  ckpt.meta.get("teacher_fingerprint", ""), {})
-    precond = build_preconditioning(cfg, stats)
-    if arch["kind"] == "mlp":
-        shape, label_dim = tuple(arch["shape"]), arch["label_dim"]
-    else:
-        k = arch["init_kwargs"]
-        shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim", 0)
+    precond = preconditioning_from_state(cfg.precond, ckpt.group("precond"))
+    shape, label_dim = student_data_shape(arch)
     return TrainedStudent(cfg, ckpt, net, precond, karras_sigmas(cfg.objective.grid_points), shape, label_dim)
