@@ -80,6 +80,7 @@ class StudentConfig:
     embed_dim: int = field(default=64, metadata=_range(2))
     network: str = "tiny-songunet-16"
     init_from_teacher: bool = True
+    dropout: float = field(default=-1.0, metadata=_range(-1.0, 1.0))   # < 0: the architecture's own rate
 
 
 @dataclass
@@ -111,15 +112,28 @@ class DistanceConfig:
     kind: str = field(default="l2", metadata=_choice("l2", "pseudo_huber", "lpips"))
     huber_c: float = field(default=0.03, metadata=_range(0.0, lo_open=True))
     lpips_net: str = field(default="alex", metadata=_choice("alex", "vgg"))
+    # "avg": the VGG trunk's max-pools replaced by average pools, as CTM and CM compute LPIPS (piq's
+    # replace_pooling=True); "max": the lpips package's network as released
+    lpips_pooling: str = field(default="max", metadata=_choice("max", "avg"))
     lpips_trunk: str = ""
 
 
 @dataclass
 class CTMObjectiveConfig:
-    """CTM's own keys (Kim et al. 2024): teacher chain length and the DSM term; see docs/math.md, "CTM"."""
+    """CTM's own keys (Kim et al. 2024). Defaults are sony/ctm's code defaults; the alternatives are
+    apctl's earlier behaviour. See docs/math.md, "CTM as the reference code trains it"."""
 
     max_teacher_steps: int = field(default=17, metadata=_range(1))
+    # p(k) ∝ k, one k per step shared by all ranks (CTM) | k uniform per sample given a uniform start
+    teacher_steps_law: str = field(default="weighted", metadata=_choice("weighted", "uniform"))
+    # λ = ‖∇_W L_CTM‖/‖∇_W L_DSM‖ at the output layer, every step (CTM) | λ = dsm_weight
+    dsm_weighting: str = field(default="adaptive", metadata=_choice("adaptive", "fixed"))
     dsm_weight: float = field(default=1.0, metadata=_range(0.0))
+    # half lognormal(−1.2, 1.2), half on the noisiest `dsm_uniform_fraction` of the ρ-ramp (CTM) | all lognormal
+    dsm_sigma_law: str = field(default="halflognormal", metadata=_choice("halflognormal", "lognormal"))
+    dsm_uniform_fraction: float = field(default=0.7, metadata=_range(0.0, 1.0, lo_open=True))
+    # the network of the target's inner jump: current θ without gradient (CTM's model_sg) | θ⁻
+    target_inner: str = field(default="student", metadata=_choice("student", "target"))
 
 
 @dataclass
@@ -172,6 +186,11 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation defaults. `sigmas` is the default σ list of an NFE-n student sample: "karras" is CTM's
+    `exact` sampler (n + 1 Karras levels, e.g. NFE 2: 80 → 2.515 → 0.002); "grid" snaps the inner
+    levels to the training grid."""
+
+    sigmas: str = field(default="grid", metadata=_choice("grid", "karras"))
     n_samples: int = field(default=2048, metadata=_range(1))
     teacher_steps: int = field(default=256, metadata=_range(2))
     nfe: list = field(default_factory=lambda: [1, 2, 4])
@@ -435,6 +454,8 @@ def validate(cfg: Config, source: str) -> None:
     o = cfg.objective
     if o.kind == "ctm" and o.ctm.max_teacher_steps > o.grid_points - 1:
         raise ConfigError(source, "objective.ctm.max_teacher_steps", f"at most objective.grid_points − 1 = {o.grid_points - 1}")
+    if o.distance.kind == "lpips" and o.distance.lpips_pooling == "avg" and o.distance.lpips_net != "vgg":
+        raise ConfigError(source, "objective.distance.lpips_pooling", "average pooling is CTM's VGG variant: it needs lpips_net = 'vgg'")
     if o.distance.kind == "lpips" and cfg.student.kind != "unet":
         raise ConfigError(source, "objective.distance.kind", "lpips compares images: it needs student.kind = 'unet'")
     if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg.eval.nfe):

@@ -49,6 +49,10 @@ class TwoTimeMLP(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def output_weight(self) -> nn.Parameter:
+        """The weight of the last layer (where CTM's adaptive DSM weight compares gradient norms)."""
+        return self.head.weight
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1).float()
         t = t.float().reshape(-1, 1)

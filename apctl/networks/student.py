@@ -56,3 +56,15 @@ def student_data_shape(arch: dict[str, Any]) -> tuple[tuple[int, ...], int]:
         return tuple(arch["shape"]), arch["label_dim"]
     k = arch["init_kwargs"]
     return (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim", 0)
+
+
+def set_dropout(student: nn.Module, rate: float) -> None:
+    """Set the dropout rate of every residual block (EDM's UNetBlock.dropout); rate < 0 keeps the
+    architecture's own (0.13 for EDM's CIFAR-10 DDPM++, which CTM trains with)."""
+    if rate < 0:
+        return
+    from apctl.networks.edm_layers import UNetBlock
+
+    for module in student.modules():
+        if isinstance(module, UNetBlock):
+            module.dropout = rate

@@ -111,6 +111,15 @@ class TwoTimeDenoiser(nn.Module):
         """The wrapped EDMPrecond's constructor arguments (what a checkpoint records to rebuild it)."""
         return dict(self.net.init_kwargs)
 
+    def output_weight(self) -> nn.Parameter:
+        """The weight of the UNet's last output convolution (SongUNet: the full-resolution `aux_conv`;
+        DhariwalUNet: `out_conv`), where CTM's adaptive DSM weight compares gradient norms."""
+        unet = self.net.model
+        if isinstance(unet, DhariwalUNet):
+            return unet.out_conv.weight
+        last = [name for name in unet.dec if name.endswith("aux_conv")][-1]
+        return unet.dec[last].weight
+
     # ---- the function ----------------------------------------------------------------------
     def embed_s(self, s: torch.Tensor) -> torch.Tensor:
         """E(c_noise(max(s, s_floor))), shape [B, emb_channels]; c_noise is the base's (scale included)."""

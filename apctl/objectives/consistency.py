@@ -1,24 +1,35 @@
 """Consistency distillation objectives on the discrete Karras grid t_0 = σ_max > … > t_{N−1} = σ_min.
 
-CTM (Kim et al. 2024; math note §1.4), per sample:
-    i ~ U{0 … N−2},  k ~ U{1 … min(K, N−1−i)},  j ~ U{i+k … N−1};   t = t_i, u = t_{i+k}, s = t_j
+CTM (Kim et al. 2024), as sony/ctm trains it (docs/math.md, "CTM as the reference code trains it"):
+
+    k        one per step, shared by all ranks:  p(k) ∝ k on 1…K   ("weighted"; "uniform": per sample,
+             i ~ U{0…N−2} first, then k ~ U{1…min(K, N−1−i)})
+    i, j     per sample:  i ~ U{0 … N−1−k},  j ~ U{i+k … N−1};   t = t_i, u = t_{i+k}, s = t_j
     x_t      = x_0 + t·ε
-    x̂_u      = k teacher Heun steps t → u from x_t                                   (no grad)
-    estimate = G_{θ⁻}(G_θ(x_t, t, s), s, σ_min)                                       (grad through x only in the outer jump)
-    target   = G_{θ⁻}(G_{θ⁻}(x̂_u, u, s), s, σ_min)                                    (no grad)
-    loss     = d(estimate, target) + λ_DSM · w(σ)·‖D_θ(x_0 + σε, σ, σ) − x_0‖²,   ln σ ~ N(−1.2, 1.2²),
-               w(σ) = (σ² + σ_d²)/(σ·σ_d)²   (EDM's weight; keeps D_θ(·, t, t) the denoiser)
+    x̂_u      = k teacher Heun steps t → u along the grid from x_t                         (no grad)
+    estimate = G_{θ⁻}(G_θ(x_t, t, s), s, σ_min)          gradient into θ through the outer jump's input
+    target   = G_{θ⁻}(G_θ̄(x̂_u, u, s), s, σ_min)          no grad; θ̄ = θ ("student", CTM's model_sg) or θ⁻
+    DSM      = w(σ)·mean_i (D_θ(x_0 + σ·ε', σ, σ) − x_0)²,  w(σ) = (σ² + σ_d²)/(σ·σ_d)²  (EDM's weight)
+               σ: first half of the batch ln σ ~ N(−1.2, 1.2²), second half σ = ramp(r), r ~ U[0, 0.7)
+               on the Karras ρ-ramp ("halflognormal"; "lognormal": all of the batch)
+    loss     = mean d(estimate, target) + mean λ·DSM,
+               λ = clamp(‖∇_W L_CTM‖ / (‖∇_W L_DSM‖ + 1e-4), 0, 1e4), W the student's output layer
+               (recomputed every step, detached; "fixed": λ = dsm_weight)
 
 CD (Song et al. 2023), the single-step slice with a one-step teacher:
     i ~ U{0 … N−2},  t = t_i, u = t_{i+1}
-    loss = d(G_θ(x_t, t, σ_min), G_{θ⁻}(x̂_u, u, σ_min))
+    loss = mean d(G_θ(x_t, t, σ_min), G_{θ⁻}(x̂_u, u, σ_min))
 
-G is the student jump f(t,s)·x + g(t,s)·D(x, t, s) of the run's preconditioning; θ⁻ is the
-stop-gradient EMA target network. Each objective returns (mean loss, logs).
+G(x, t_a, t_b) = f·x + g·D(x, t_a, t_b) with (f, g) looked up in the run's on-device coefficient
+table (computed once, in float64, for every pair of grid levels). Jumps to σ_min are made for every
+row, including rows already at σ_min, where G is the identity (f = 1, g = 0) — as in CTM's code,
+and without a data-dependent branch. Nothing in a step reads a device value on the host.
+Each objective returns (loss, logs) with logs as detached device tensors.
 """
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import torch
@@ -27,110 +38,168 @@ from torch import nn
 from apctl.config import ObjectiveConfig
 from apctl.errors import ApctlError
 from apctl.objectives.distances import build_distance
-from apctl.preconditioning.jump import jump
-from apctl.schedules import SIGMA_DATA, karras_sigmas
+from apctl.preconditioning.table import CoefficientTable, jump_on_grid
 from apctl.sampling import heun_step
+from apctl.schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 
 P_MEAN, P_STD = -1.2, 1.2
+RHO = 7.0
+ADAPTIVE_EPS, ADAPTIVE_MAX = 1e-4, 1e4
+
+
+def weighted_teacher_steps(K: int, shared_gen: torch.Generator) -> int:
+    """CTM's `heun_step_strategy = "weighted"`: one k ~ p(k) = k / Σ_{m≤K} m on 1…K (a host integer)."""
+    weights = torch.arange(1, K + 1, dtype=torch.float64)
+    return int(torch.multinomial(weights, 1, generator=shared_gen)) + 1
+
+
+def ctm_indices(N: int, K: int, batch: int, law: str, gen: torch.Generator, shared_gen: torch.Generator):
+    """(i, k, j) per sample as CPU long tensors, and the host integer max(k) (the chain length to run).
+
+    weighted: k shared by the batch (from `shared_gen`, equal on every rank), i ~ U{0…N−1−k}, j ~ U{i+k…N−1}.
+    uniform:  i ~ U{0…N−2}, k ~ U{1…min(K, N−1−i)}, j ~ U{i+k…N−1}, all per sample.
+    """
+    if law == "weighted":
+        k_max = weighted_teacher_steps(min(K, N - 1), shared_gen)
+        k = torch.full((batch,), k_max, dtype=torch.long)
+        i = (torch.rand(batch, generator=gen, dtype=torch.float64) * (N - k)).long()
+    elif law == "uniform":
+        i = torch.randint(0, N - 1, (batch,), generator=gen)
+        k_top = torch.clamp(N - 1 - i, max=K)
+        k = 1 + (torch.rand(batch, generator=gen, dtype=torch.float64) * k_top).long()
+        k_max = int(k.max())
+    else:
+        raise ApctlError(f"unknown teacher-step law {law!r}")
+    j = i + k + (torch.rand(batch, generator=gen, dtype=torch.float64) * (N - i - k)).long()
+    return i, k, j, k_max
+
+
+def dsm_sigmas(batch: int, law: str, uniform_fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """σ of the DSM term (float64, CPU): CTM's "halflognormal" or EDM's "lognormal" (see module docstring)."""
+    sigma = (torch.randn(batch, generator=gen, dtype=torch.float64) * P_STD + P_MEAN).exp()
+    if law == "halflognormal":
+        half = batch // 2
+        r = torch.rand(batch - half, generator=gen, dtype=torch.float64) * uniform_fraction
+        ramp = (SIGMA_MAX ** (1 / RHO) + r * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+        sigma = torch.cat([sigma[:half], ramp])
+    elif law != "lognormal":
+        raise ApctlError(f"unknown DSM σ law {law!r}")
+    return sigma
+
+
+def adaptive_weight(loss_a: torch.Tensor, loss_b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """λ = clamp(‖∇_W loss_a‖ / (‖∇_W loss_b‖ + 1e-4), 0, 1e4), detached (CTM's DSM balance; VQGAN's rule)."""
+    grad_a, = torch.autograd.grad(loss_a, weight, retain_graph=True)
+    grad_b, = torch.autograd.grad(loss_b, weight, retain_graph=True)
+    ratio = grad_a.float().norm() / (grad_b.float().norm() + ADAPTIVE_EPS)
+    return ratio.clamp(0.0, ADAPTIVE_MAX).detach()
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
 class _GridObjective:
     def __init__(self, teacher, precond, grid: np.ndarray, distance: nn.Module):
         self.teacher = teacher
         self.precond = precond
-        self.grid = torch.as_tensor(grid, dtype=torch.float64)
+        self.grid = torch.as_tensor(np.asarray(grid, dtype=np.float64))
         self.distance = distance
-        self.sigma_min = float(grid[-1])
+        self.table = CoefficientTable(precond, self.grid.numpy())
+        self.last = len(grid) - 1            # the index of σ_min
+
+    def to(self, device) -> "_GridObjective":
+        """Move the coefficient table and the distance network to `device`; returns self."""
+        self.table = CoefficientTable(self.precond, self.grid.numpy(), device)
+        self.distance.to(device)
+        return self
 
     def _teacher(self, x, sigma, labels):
         return self.teacher(x.to(self.teacher.dtype), sigma.to(self.teacher.dtype), labels).to(x.dtype)
 
     @torch.no_grad()
-    def teacher_steps(self, x: torch.Tensor, start: torch.Tensor, steps: torch.Tensor, labels) -> torch.Tensor:
-        """Per sample, `steps[b]` Heun steps along the grid from index `start[b]`; rows stop when done."""
-        x = x.clone()
-        for m in range(int(steps.max())):
-            rows = (steps > m).nonzero().squeeze(1)
-            idx = start[rows] + m
-            t = self.grid[idx].to(x)
-            u = self.grid[idx + 1].to(x)
-            y = None if labels is None else labels[rows]
-            x[rows] = heun_step(self._teacher, x[rows], t, u, y)
+    def teacher_steps(self, x: torch.Tensor, start: torch.Tensor, steps: torch.Tensor, k_max: int, labels) -> torch.Tensor:
+        """Per sample, `steps[b]` Heun steps along the grid from index `start[b]` (device tensors);
+        `k_max` = max(steps) is a host integer. Rows that are done keep their value (a mask, no gather)."""
+        for m in range(k_max):
+            a = torch.clamp(start + m, max=self.last)
+            b = torch.clamp(start + m + 1, max=self.last)
+            stepped = heun_step(self._teacher, x, self.table.sigma[a].to(x.dtype), self.table.sigma[b].to(x.dtype), labels)
+            active = (steps > m).view((-1,) + (1,) * (x.dim() - 1))
+            x = torch.where(active, stepped, x)
         return x
 
-    def to_sigma_min(self, net, x, s, labels):
-        """G(x, s, σ_min); rows already at σ_min are returned as they are (G(x, s, s) = x)."""
-        rows = (s > self.sigma_min).nonzero().squeeze(1)
-        if len(rows) == len(s):
-            return jump(self.precond, net, x, s, torch.full_like(s, self.sigma_min), labels)
-        out = x.clone()
-        if len(rows):
-            y = None if labels is None else labels[rows]
-            out[rows] = jump(self.precond, net, x[rows], s[rows], torch.full_like(s[rows], self.sigma_min), y)
-        return out
+    def to_sigma_min(self, net, x, s_index, labels):
+        """G(x, t_{s_index}, σ_min) for every row (the identity where s_index is already σ_min)."""
+        return jump_on_grid(self.table, net, x, s_index, torch.full_like(s_index, self.last), labels)
 
 
 class CTMObjective(_GridObjective):
     name = "ctm"
 
-    def __init__(self, teacher, precond, grid, distance, max_teacher_steps: int, dsm_weight: float,
-                 sigma_data: float = SIGMA_DATA):
+    def __init__(self, teacher, precond, grid, distance, max_teacher_steps: int = 17, teacher_steps_law: str = "weighted",
+                 dsm_weighting: str = "adaptive", dsm_weight: float = 1.0, dsm_sigma_law: str = "halflognormal",
+                 dsm_uniform_fraction: float = 0.7, target_inner: str = "student", sigma_data: float = SIGMA_DATA):
         super().__init__(teacher, precond, grid, distance)
         self.max_teacher_steps = max_teacher_steps
+        self.teacher_steps_law = teacher_steps_law
+        self.dsm_weighting = dsm_weighting
         self.dsm_weight = dsm_weight
+        self.dsm_sigma_law = dsm_sigma_law
+        self.dsm_uniform_fraction = dsm_uniform_fraction
+        self.target_inner = target_inner
         self.sigma_data = sigma_data
 
-    def sample_indices(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(i, k, j) per sample, drawn as in the module docstring."""
-        N = len(self.grid)
-        i = torch.randint(0, N - 1, (batch,), generator=gen)
-        k_max = torch.clamp(N - 1 - i, max=self.max_teacher_steps)
-        k = 1 + (torch.rand(batch, generator=gen) * k_max).long().clamp(max=k_max - 1)
-        j = i + k + (torch.rand(batch, generator=gen) * (N - i - k)).long().clamp(max=N - 1 - i - k)
-        return i, k, j
+    def sample_indices(self, batch: int, gen: torch.Generator, shared_gen: torch.Generator):
+        return ctm_indices(len(self.grid), self.max_teacher_steps, batch, self.teacher_steps_law, gen, shared_gen)
 
-    def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator):
-        B = x0.shape[0]
-        i, k, j = self.sample_indices(B, gen)
-        eps = torch.randn(x0.shape, generator=gen).to(x0)
-        t, u, s = (self.grid[idx].to(x0) for idx in (i, i + k, j))
+    def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator,
+                 shared_gen: torch.Generator):
+        B, device = x0.shape[0], x0.device
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        x_t = x0 + t.view(shape) * eps
-        x_u = self.teacher_steps(x_t, i, k, labels)
+        i, k, j, k_max = (v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                          for v in self.sample_indices(B, gen, shared_gen))
+        eps = torch.randn(x0.shape, generator=gen).to(x0)
+        x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
+        x_u = self.teacher_steps(x_t, i, k, k_max, labels)
 
-        estimate = self.to_sigma_min(target, jump(self.precond, student, x_t, t, s, labels), s, labels)
+        inner = jump_on_grid(self.table, student, x_t, i, j, labels)
+        estimate = self.to_sigma_min(target, inner, j, labels)
         with torch.no_grad():
-            goal = self.to_sigma_min(target, jump(self.precond, target, x_u, u, s, labels), s, labels)
-        consistency = self.distance(estimate, goal)
+            inner_net = _unwrap(student) if self.target_inner == "student" else target
+            goal = self.to_sigma_min(target, jump_on_grid(self.table, inner_net, x_u, i + k, j, labels), j, labels)
+        consistency = self.distance(estimate, goal).mean()
 
-        # DSM on D_θ(·, σ, σ), EDM-weighted.
-        sigma = (torch.randn(B, generator=gen) * P_STD + P_MEAN).exp().to(x0)
+        sigma = dsm_sigmas(B, self.dsm_sigma_law, self.dsm_uniform_fraction, gen).to(device=device, dtype=torch.float32)
         noise = torch.randn(x0.shape, generator=gen).to(x0)
-        denoised = student(x0 + sigma.view(shape) * noise, sigma, sigma, labels)
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        dsm = weight * (denoised - x0).float().pow(2).flatten(1).mean(1)
+        denoised = student(x0 + sigma.to(x0.dtype).view(shape) * noise, sigma, sigma, labels)
+        w = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        dsm = (w * (denoised - x0).float().pow(2).flatten(1).mean(1)).mean()
 
-        loss = consistency.mean() + self.dsm_weight * dsm.mean()
-        return loss, {"loss": loss.item(), "ctm": consistency.mean().item(), "dsm": dsm.mean().item()}
+        if self.dsm_weighting == "adaptive":
+            lam = adaptive_weight(consistency, dsm, _unwrap(student).output_weight())
+        else:
+            lam = torch.tensor(self.dsm_weight, device=device)
+        loss = consistency + lam * dsm
+        return loss, {"loss": loss.detach(), "ctm": consistency.detach(), "dsm": dsm.detach(), "dsm_weight": lam}
 
 
 class CDObjective(_GridObjective):
     name = "cd"
 
-    def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator):
-        B = x0.shape[0]
-        N = len(self.grid)
-        i = torch.randint(0, N - 1, (B,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen).to(x0)
-        t, u = self.grid[i].to(x0), self.grid[i + 1].to(x0)
+    def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator,
+                 shared_gen: torch.Generator):
+        B, device = x0.shape[0], x0.device
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        x_t = x0 + t.view(shape) * eps
-        x_u = self.teacher_steps(x_t, i, torch.ones_like(i), labels)
-        estimate = self.to_sigma_min(student, x_t, t, labels)
+        i = torch.randint(0, len(self.grid) - 1, (B,), generator=gen).to(device, non_blocking=True)
+        eps = torch.randn(x0.shape, generator=gen).to(x0)
+        x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
+        x_u = self.teacher_steps(x_t, i, torch.ones_like(i), 1, labels)
+        estimate = self.to_sigma_min(student, x_t, i, labels)
         with torch.no_grad():
-            goal = self.to_sigma_min(target, x_u, u, labels)
+            goal = self.to_sigma_min(target, x_u, i + 1, labels)
         loss = self.distance(estimate, goal).mean()
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.detach()}
 
 
 def build_objective(cfg: ObjectiveConfig, teacher, precond):
@@ -138,7 +207,13 @@ def build_objective(cfg: ObjectiveConfig, teacher, precond):
     grid = karras_sigmas(cfg.grid_points)
     distance = build_distance(cfg.distance)
     if cfg.kind == "ctm":
-        return CTMObjective(teacher, precond, grid, distance, cfg.ctm.max_teacher_steps, cfg.ctm.dsm_weight)
+        c = cfg.ctm
+        return CTMObjective(teacher, precond, grid, distance, c.max_teacher_steps, c.teacher_steps_law,
+                            c.dsm_weighting, c.dsm_weight, c.dsm_sigma_law, c.dsm_uniform_fraction, c.target_inner)
     if cfg.kind == "cd":
         return CDObjective(teacher, precond, grid, distance)
     raise ApctlError(f"unknown objective {cfg.kind!r}")
+
+
+__all__ = ["CDObjective", "CTMObjective", "adaptive_weight", "build_objective", "ctm_indices", "dsm_sigmas",
+           "weighted_teacher_steps", "math"]

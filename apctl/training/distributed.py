@@ -40,3 +40,15 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each value averaged over the ranks (one all-reduce for all of them), read on the host."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32) for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.tolist()))

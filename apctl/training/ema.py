@@ -14,8 +14,14 @@ def frozen_copy(net: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, net: nn.Module, decay: float, took: torch.Tensor | None = None) -> None:
+    """θ_ema ← θ_ema + (1 − μ)·took·(θ − θ_ema); `took` (a 0-d bool tensor on the device) = 0 leaves
+    θ_ema unchanged without a host round trip. Buffers are copied where the step was taken."""
+    weight = 1.0 - decay if took is None else (1.0 - decay) * took.float()
     for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - decay)
+        p_ema.lerp_(p.detach(), weight if took is None else weight.to(p_ema.dtype))
     for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+        if took is None or not b.is_floating_point():
+            b_ema.copy_(b)
+        else:
+            b_ema.copy_(torch.where(took, b, b_ema))

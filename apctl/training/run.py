@@ -10,7 +10,6 @@ an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from apctl.checkpoints import list_checkpoints, load_checkpoint, restore_optimiz
 from apctl.config import Config, config_to_toml
 from apctl.errors import ApctlError
 from apctl.training import distributed
-from apctl.training.ema import ema_update, frozen_copy
+from apctl.training.ema import frozen_copy
+from apctl.training.step import step_generator, train_step  # noqa: F401 (step_generator re-exported)
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("training.iterations", "training.log_every", "training.checkpoint_every",
@@ -70,12 +70,6 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The generator of one training step: independent across (seed, rank, step), reproducible."""
-    entropy = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ApctlError("run.device = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
@@ -100,7 +94,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run:
     from apctl.data.sources import build_data_source, load_training_data
-    from apctl.networks.student import build_student, student_architecture
+    from apctl.networks.student import build_student, set_dropout, student_architecture
     from apctl.objectives import build_objective
     from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
     from apctl.teachers import build_teacher
@@ -131,6 +125,8 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
             # A fresh run: logs of an earlier attempt that never reached a checkpoint are stale.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
+    # The teacher moves to the device before anything evaluates it (statistics, probe, training).
+    teacher.to(device)
     # Only rank 0 estimates statistics; the others then read its cache.
     stats = None
     if needs_statistics(cfg.precond):
@@ -142,15 +138,18 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
         if distributed.is_main():
             distributed.barrier()
     precond = build_preconditioning(cfg.precond, stats)
-    teacher.to(device)
 
     torch.manual_seed(cfg.run.seed)
     arch = student_architecture(cfg.student, teacher.shape, data_source.label_dim, teacher.network)
     student = build_student(arch, teacher.network if cfg.student.init_from_teacher else None).to(device)
-    target, ema = frozen_copy(student), frozen_copy(student)
+    set_dropout(student, cfg.student.dropout)
+    # θ and θ⁻ run in train mode (the architecture's dropout applies in every pass, as in CTM's code);
+    # the evaluation EMA samples in eval mode; the teacher is always in eval mode.
+    student.train()
+    target, ema = frozen_copy(student).train(), frozen_copy(student).eval()
     opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.training.optimizer]
     optimizer = opt_cls(student.parameters(), lr=cfg.training.lr)
-    objective = build_objective(cfg.objective, teacher, precond)
+    objective = build_objective(cfg.objective, teacher, precond).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
     run = Run(cfg, run_dir, teacher, data_source, precond, objective, student, target, ema, optimizer,
               arch, device, scaler)
@@ -185,14 +184,6 @@ def save(run: Run, logs: dict | None = None) -> Path | None:
                            run.optimizer, extra_tensors=precond_state, keep=run.cfg.training.keep_checkpoints)
 
 
-def _autocast(run: Run):
-    precision = run.cfg.training.precision
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(run.device.type, dtype=dtype)
-
-
 def _log(run: Run, path: Path, logs: dict) -> None:
     run.history.append(logs)
     if distributed.is_main():
@@ -207,42 +198,32 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
     `training.eval_every` steps and logged; it draws no training randomness.
     """
     reporter = reporter or SilentReporter()
-    cfg, tc = run.cfg, run.cfg.training
+    tc = run.cfg.training
     world, rank = distributed.world_size(), distributed.rank()
     per_rank = tc.batch_size // world
     model = run.student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(run.student)
-    scaler = run.scaler
     metrics_path = run.run_dir / "metrics.jsonl"
     if probe is not None and tc.eval_every and run.step == 0:
         _log(run, metrics_path, dict(probe(run), step=0))
     reporter.start(run.step, tc.iterations)
     clock, last_logged = time.perf_counter(), run.step
+    sums: dict[str, torch.Tensor] = {}
     logs: dict[str, float] = {}
     while run.step < tc.iterations:
-        gen = step_generator(cfg.run.seed, rank, run.step)
-        x0, labels = run.data_source.sample(per_rank, gen)
-        x0 = x0.to(run.device)
-        labels = None if labels is None else labels.to(run.device)
-        with _autocast(run):
-            loss, logs = run.objective(model, run.target, x0, labels, gen)
-        run.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tc.grad_clip > 0:
-            scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.student.parameters(), tc.grad_clip)
-        scaler.step(run.optimizer)
-        scaler.update()
-        ema_update(run.target, run.student, cfg.objective.target_ema)
-        ema_update(run.ema, run.student, tc.ema_decay)
+        step_logs = train_step(run, run.step, model, rank, per_rank)
+        for key, value in step_logs.items():       # summed on the device; read once per log line
+            sums[key] = sums.get(key, 0) + value.detach().float()
         run.step += 1
 
         evaluate = probe is not None and tc.eval_every and run.step % tc.eval_every == 0
         if run.step % tc.log_every == 0 or run.step == tc.iterations or evaluate:
             now = time.perf_counter()
-            logs = dict(logs, step=run.step, it_per_s=(run.step - last_logged) / max(now - clock, 1e-9))
-            clock, last_logged = now, run.step
+            steps = run.step - last_logged
+            logs = {key: value / steps for key, value in distributed.mean_over_ranks(sums).items()}
+            logs = dict(logs, step=run.step, it_per_s=steps / max(now - clock, 1e-9))
+            clock, last_logged, sums = now, run.step, {}
             if evaluate:
                 logs.update(probe(run))
             _log(run, metrics_path, logs)
