@@ -1,7 +1,9 @@
 """Shared helpers for the CLI, config and end-to-end recipe tests.
 
 There is deliberately no tests/__init__.py (torch-fidelity installs a top-level package named
-`tests`), so the helpers are handed out as fixtures rather than imported.
+`tests`), so the helpers are handed out as fixtures rather than imported. Plain helper modules of
+this directory (`oracles`, `edm_pickle_fixtures`) are imported by their own names: this directory is
+put first on sys.path below (under names no installed distribution uses: see test_oracles_module_is_ours).
 
 The CLI is exercised through its real entry point, `python -m apctl.cli.main …`, in a subprocess:
 `apctl.cli.main.main()` is where an `ApctlError` becomes one red line on stderr and exit code 1, and
@@ -30,7 +32,10 @@ import torch
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 PRESET_DIR = REPO / "presets"
 
 

@@ -30,17 +30,13 @@ from apctl.preconditioning import AnalyticPrecond, CMPrecond, CTMPrecond
 from apctl.preconditioning.statistics import StatisticsSettings, estimate_statistics
 from apctl.schedules import karras_sigmas
 from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
+from oracles import gaussian_denoiser, gaussian_flow, gaussian_l, gaussian_precond, karras, ring_teacher
 
 SIGMA_MIN, SIGMA_MAX, SIGMA_D, RHO = 0.002, 80.0, 0.5, 7.0
 N = 18
 
 
-def _karras(n: int) -> np.ndarray:
-    i = np.arange(n, dtype=np.float64)
-    return (SIGMA_MAX ** (1 / RHO) + i / (n - 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
-
-
-SIG = _karras(N)
+SIG = karras(N, SIGMA_MIN, SIGMA_MAX, RHO)
 PAIRS = [(i, j) for i in range(N) for j in range(i + 1, N)]
 assert len(PAIRS) == 153
 
@@ -96,10 +92,6 @@ def _gauss_closed(t, s, c, form):
         den = s * s + c * c * (1 - q)
         return s * s * q / den, (c * c + s * s) * (1 - q) / den
     return q - (c * c / (t * t)) * (1 - q), (c * c + t * t) * (1 - q) / (t * t)
-
-
-def _gauss_l(c):
-    return lambda lam: c * c / (c * c + np.exp(-2 * lam))
 
 
 # --- §4.5(1): l ≡ s ≡ 0 is exactly CTM --------------------------------------------------------
@@ -196,17 +188,15 @@ MU = torch.tensor([0.7, -0.4, 0.25, 1.1], dtype=torch.float64)
 
 
 def _gauss_D(x, t):
-    a = C * C / (C * C + t * t)
-    return MU + a * (x - MU)
+    return gaussian_denoiser(x, t, MU, C)
 
 
 def _gauss_flow(x, t, s):
-    return MU + math.sqrt((C * C + s * s) / (C * C + t * t)) * (x - MU)
+    return gaussian_flow(x, t, s, MU, C)
 
 
 def _gauss_precond(form, **kw):
-    lf = _gauss_l(C)
-    return AnalyticPrecond.from_functions(lf, lambda lam: -2 * lf(lam), form=form, **kw)
+    return gaussian_precond(C, form, **kw)
 
 
 @pytest.mark.parametrize("form", ["backward", "forward"])
@@ -282,7 +272,7 @@ def test_reference_table_of_note():
 @pytest.mark.parametrize("form", ["backward", "forward"])
 def test_tabulated_statistics_cubic_vs_linear(form):
     lam = np.linspace(-math.log(SIGMA_MAX), -math.log(SIGMA_MIN), 120)
-    lf = _gauss_l(C)
+    lf = gaussian_l(C)
     z = torch.randn(256, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     worst = {}
     for interpolation in ("cubic", "linear"):
@@ -305,12 +295,6 @@ def test_tabulated_statistics_cubic_vs_linear(form):
 
 # --- §4.5(7): estimated statistics on mixtures; CM coefficients ---------------------------------
 
-def _ring(radius=0.7, std=0.08, centre=(0.3, -0.2), modes=8):
-    ang = 2 * math.pi * np.arange(modes) / modes
-    means = np.stack([centre[0] + radius * np.cos(ang), centre[1] + radius * np.sin(ang)], 1)
-    return GaussianMixtureTeacher(means, np.full(modes, std), name="ring")
-
-
 def _dirac(points=32, d=8):
     rng = np.random.default_rng(0)
     return GaussianMixtureTeacher(0.5 * rng.standard_normal((points, d)) + 0.2, np.zeros(points), name="dirac")
@@ -324,7 +308,7 @@ def _stats(teacher, n_samples, seed):
 
 @pytest.fixture(scope="module")
 def ring():
-    teacher = _ring()
+    teacher = ring_teacher()
     return teacher, _stats(teacher, 1024, 1)
 
 

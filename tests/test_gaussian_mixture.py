@@ -3,7 +3,9 @@
 The oracle is written here from scratch: log p_σ(x) of the noised mixture, and Tweedie's formula
 D = x + σ²∇log p_σ by autograd; Jacobians, traces and total derivatives come from torch.func
 applied to that reference (and, where asked for, to the teacher's own denoiser), never from the
-teacher's closed forms. The Heun solver is checked against the closed-form Gaussian flow.
+closed forms. Those closed forms (Jacobian trace, JVP, total λ-derivative of the mixture) are test-only
+oracles in tests/oracles.py, which other tests rely on: they are checked here. The Heun solver is checked
+against the closed-form Gaussian flow.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.func import grad, jacrev, jvp
 from apctl.schedules import karras_sigmas
 from apctl.sampling import heun_solve, heun_step
 from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
+import oracles
 
 F64 = torch.float64
 
@@ -128,16 +131,16 @@ def test_jacobian_trace_jvp_and_total_derivative(kind, sigma):
     tol = 1e-8 * (1.0 + float(J_ref.abs().max()))
     assert torch.allclose(J_teacher, J_ref, rtol=0, atol=tol)
 
-    trace = T.jacobian_trace(x, sig, onehot)
+    trace = oracles.jacobian_trace(T, x, sig, onehot)
     assert trace.shape == (B,)
     assert torch.allclose(trace, torch.diagonal(J_ref, dim1=1, dim2=2).sum(1), rtol=0, atol=tol)
     assert torch.allclose(trace, torch.diagonal(J_teacher, dim1=1, dim2=2).sum(1), rtol=0, atol=tol)
 
-    Ju = T.jvp(x, sig, u, onehot)
+    Ju = oracles.jvp(T, x, sig, u, onehot)
     assert torch.allclose(Ju, torch.einsum("bij,bj->bi", J_ref, u), rtol=0, atol=tol * (1 + float(u.abs().max())))
 
     # total λ-derivative along the PF-ODE: JVP of (x, λ) ↦ D(x, e^{−λ}) along (D − x, 1)  (note §4.5.6)
-    total = T.total_derivative(x, sig, onehot)
+    total = oracles.total_derivative(T, x, sig, onehot)
     lam0 = torch.tensor(-math.log(sigma), dtype=F64)
     ref_total = []
     for b in range(B):
@@ -164,8 +167,8 @@ def test_total_derivative_single_gaussian_closed_form():
         D = mu + a * (x - mu)
         sig = torch.full((6,), sigma, dtype=F64)
         assert torch.allclose(T.denoise(x, sig), D, atol=1e-14)
-        assert torch.allclose(T.jacobian_trace(x, sig), a.sum().expand(6), atol=1e-13)
-        assert torch.allclose(T.total_derivative(x, sig), a * (D - x) + 2 * a * (1 - a) * (x - mu), atol=1e-12)
+        assert torch.allclose(oracles.jacobian_trace(T, x, sig), a.sum().expand(6), atol=1e-13)
+        assert torch.allclose(oracles.total_derivative(T, x, sig), a * (D - x) + 2 * a * (1 - a) * (x - mu), atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", list(MIXTURES))
@@ -177,13 +180,13 @@ def test_per_sample_sigma_equals_row_by_row(kind):
     sig = torch.tensor([0.01, 0.3, 0.3, 2.0, 80.0, 0.002, 0.3], dtype=F64)
     onehot, _ = _labels(m, B)
     u = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-    batch = [T.denoise(x, sig, onehot), T.jacobian_trace(x, sig, onehot), T.jvp(x, sig, u, onehot),
-             T.total_derivative(x, sig, onehot)]
+    batch = [T.denoise(x, sig, onehot), oracles.jacobian_trace(T, x, sig, onehot), oracles.jvp(T, x, sig, u, onehot),
+             oracles.total_derivative(T, x, sig, onehot)]
     for b in range(B):
         lab = None if onehot is None else onehot[b:b + 1]
         xb, sb = x[b:b + 1], sig[b]
-        rows = [T.denoise(xb, sb, lab), T.jacobian_trace(xb, sb, lab), T.jvp(xb, sb, u[b:b + 1], lab),
-                T.total_derivative(xb, sb, lab)]
+        rows = [T.denoise(xb, sb, lab), oracles.jacobian_trace(T, xb, sb, lab), oracles.jvp(T, xb, sb, u[b:b + 1], lab),
+                oracles.total_derivative(T, xb, sb, lab)]
         for whole, row in zip(batch, rows):
             # atol: the Dirac trace at σ = 0.002 is ~1e-10 of pure round-off (ε·‖x − μ‖²/σ²)
             assert torch.allclose(whole[b:b + 1], row.reshape(whole[b:b + 1].shape), rtol=1e-11, atol=1e-9)
@@ -195,8 +198,8 @@ def test_data_shape_and_dtype_are_kept():
     out = T.denoise(x, torch.tensor(0.5))
     assert out.shape == x.shape and out.dtype == torch.float32
     assert T.sample(5).shape == (5, 1, 2, 2)
-    assert T.jvp(x, torch.tensor(0.5), torch.ones_like(x)).shape == x.shape
-    assert T.total_derivative(x, torch.tensor(0.5)).shape == x.shape
+    assert oracles.jvp(T, x, torch.tensor(0.5), torch.ones_like(x)).shape == x.shape
+    assert oracles.total_derivative(T, x, torch.tensor(0.5)).shape == x.shape
 
 
 # --- solver ---------------------------------------------------------------------------------
@@ -205,15 +208,11 @@ MU_G = torch.tensor([0.4, -0.2, 0.1], dtype=F64)
 C_G = torch.tensor([0.3, 0.5, 0.8], dtype=F64)
 
 
-def _gauss_flow(x, t, s):
-    return MU_G + torch.sqrt((C_G ** 2 + s * s) / (C_G ** 2 + t * t)) * (x - MU_G)
-
-
 def test_heun_is_second_order_on_a_gaussian():
     T = GaussianMixtureTeacher(MU_G[None].numpy(), C_G[None].numpy())
     z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     x = 80.0 * z
-    exact = _gauss_flow(x, 80.0, 0.002)
+    exact = oracles.gaussian_flow(x, 80.0, 0.002, MU_G, C_G)
     errors = []
     for steps in (16, 32, 64, 128):
         out = heun_solve(T, x, karras_sigmas(steps + 1).tolist())

@@ -16,9 +16,10 @@ import torch
 
 from apctl.errors import ApctlError
 from apctl.metrics.alignment import rms, sliced_wasserstein
-from apctl.preconditioning import AnalyticPrecond, CTMPrecond
+from apctl.preconditioning import CTMPrecond
 from apctl.sampling import check_sigmas, default_sigmas, student_sample, teacher_sample
 from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
+from oracles import gaussian_denoiser, gaussian_flow, gaussian_precond, karras
 
 F64 = torch.float64
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -34,17 +35,11 @@ def _col(v, like):
 
 def _flow(x, t, s):
     """Exact PF-ODE flow of N(μ, c²I) from σ = t to σ = s (per-sample tensors allowed)."""
-    t, s = torch.as_tensor(t, dtype=x.dtype), torch.as_tensor(s, dtype=x.dtype)
-    if t.dim():
-        t, s = _col(t, x), _col(s, x)
-    return MU + torch.sqrt((C * C + s * s) / (C * C + t * t)) * (x - MU)
+    return gaussian_flow(x, t, s, MU, C)
 
 
 def _D(x, t):
-    t = torch.as_tensor(t, dtype=x.dtype)
-    if t.dim():
-        t = _col(t, x)
-    return MU + C * C / (C * C + t * t) * (x - MU)
+    return gaussian_denoiser(x, t, MU, C)
 
 
 class Recorder:
@@ -72,14 +67,9 @@ def _ctm_student(x, t, s):
     return (_flow(x, t, s) - (s_ / t_) * x) / (1 - s_ / t_)
 
 
-def _gauss_precond(form):
-    l = lambda lam: C * C / (C * C + np.exp(-2 * lam))          # noqa: E731
-    return AnalyticPrecond.from_functions(l, lambda lam: -2 * l(lam), form=form)
-
-
 @pytest.fixture(scope="module")
 def preconds():
-    return {"backward": _gauss_precond("backward"), "forward": _gauss_precond("forward"), "ctm": CTMPrecond()}
+    return {"backward": gaussian_precond(C, "backward"), "forward": gaussian_precond(C, "forward"), "ctm": CTMPrecond()}
 
 
 STUDENTS = {"backward": _backward_student, "forward": _forward_student, "ctm": _ctm_student}
@@ -138,20 +128,15 @@ def test_gamma_out_of_range_raises(preconds):
             student_sample(Recorder(_backward_student), preconds["backward"], z, default_sigmas(2), gamma=gamma)
 
 
-def _karras(n):
-    i = np.arange(n) / (n - 1)
-    return (SIGMA_MAX ** (1 / 7) + i * (SIGMA_MIN ** (1 / 7) - SIGMA_MAX ** (1 / 7))) ** 7
-
-
 def test_default_sigmas():
     for nfe in (1, 2, 3, 8):
         got = default_sigmas(nfe)
         assert len(got) == nfe + 1 and all(isinstance(v, float) for v in got)
-        np.testing.assert_allclose(got, _karras(nfe + 1), rtol=1e-13)
+        np.testing.assert_allclose(got, karras(nfe + 1), rtol=1e-13)
     assert default_sigmas(1) == pytest.approx([80.0, 0.002])
-    grid = _karras(18)
+    grid = karras(18)
     snapped = default_sigmas(3, grid)
-    expect = _karras(4)
+    expect = karras(4)
     for inner, free in zip(snapped[1:-1], expect[1:-1]):
         assert inner in grid.tolist()
         assert inner == grid[np.argmin(np.abs(np.log(grid) - np.log(free)))]

@@ -1,0 +1,172 @@
+"""The training loop's small rules: EMA updates, per-step generators, which config changes a resume allows.
+
+Each test states the independent fact it checks: the EMA definition θ_ema ← μ·θ_ema + (1 − μ)·θ
+(apctl/training/ema.py) evaluated by hand and in closed form (μ^n), the architecture note's "each step's
+randomness comes from a generator seeded by (seed, rank, step)", and the user guide's list of settings a
+resumed run may change (docs/user_guide.md, "Resuming").
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from apctl.config import Config
+from apctl.training.ema import ema_update, frozen_copy
+from apctl.training.run import config_differences, step_generator
+
+F64 = torch.float64
+
+
+def _net(fill: float) -> nn.Module:
+    """Linear (parameters) + BatchNorm (parameters and buffers), every parameter entry distinct."""
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).to(F64)
+    with torch.no_grad():
+        for n, p in enumerate(net.parameters()):
+            p.copy_(fill * (1 + n) + torch.arange(p.numel(), dtype=F64).reshape(p.shape) / 7)
+    return net
+
+
+# --- EMA ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mu", [0.9, 0.999, 0.0])
+def test_one_ema_update_is_the_convex_combination(mu):
+    """After one update with decay μ each EMA entry equals μ·old + (1 − μ)·new, computed per entry by hand."""
+    ema, net = _net(2.0), _net(-5.0)
+    old = [p.detach().clone() for p in ema.parameters()]
+    new = [p.detach().clone() for p in net.parameters()]
+    ema_update(ema, net, mu)
+    for p, o, w in zip(ema.parameters(), old, new):
+        expect = torch.tensor([mu * a + (1 - mu) * b for a, b in zip(o.flatten().tolist(), w.flatten().tolist())],
+                              dtype=F64).reshape(o.shape)
+        assert torch.allclose(p, expect, rtol=1e-14, atol=1e-14), (p, expect)
+    for p, w in zip(net.parameters(), new):              # the source network is not touched
+        assert torch.equal(p, w)
+
+
+def test_ema_buffers_are_copied_not_averaged():
+    """Buffers (BatchNorm running statistics, counters) are taken over as they are, whatever μ."""
+    ema, net = _net(1.0), _net(3.0)
+    net.train()
+    net(torch.randn(8, 3, dtype=F64, generator=torch.Generator().manual_seed(0)))   # moves net's running stats
+    assert not torch.equal(dict(net.named_buffers())["1.running_mean"], dict(ema.named_buffers())["1.running_mean"])
+    ema_update(ema, net, 0.99)
+    for (name, b_ema), (_, b) in zip(ema.named_buffers(), net.named_buffers()):
+        assert torch.equal(b_ema, b), name
+
+
+def test_repeated_ema_updates_converge_geometrically():
+    """With the network fixed at θ, n updates give θ + μ^n·(θ_ema,0 − θ) (closed form of the recursion)."""
+    mu = 0.8
+    ema, net = _net(4.0), _net(-1.0)
+    start = [p.detach().clone() for p in ema.parameters()]
+    for n in range(1, 41):
+        ema_update(ema, net, mu)
+        for p, p0, target in zip(ema.parameters(), start, net.parameters()):
+            assert torch.allclose(p, target + mu ** n * (p0 - target), rtol=0, atol=1e-12), n
+
+
+def test_frozen_copy_is_a_deep_copy_without_gradients():
+    """frozen_copy: equal weights, requires_grad off, independent storage (changing one leaves the other)."""
+    net = _net(1.5)
+    frozen = frozen_copy(net)
+    assert all(not p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in net.parameters())            # the original keeps training
+    for (name, a), (_, b) in zip(frozen.state_dict().items(), net.state_dict().items()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    with torch.no_grad():
+        next(frozen.parameters()).add_(1.0)
+        frozen[1].running_mean.add_(1.0)
+    assert torch.equal(next(net.parameters()), next(_net(1.5).parameters()))
+    assert torch.equal(net[1].running_mean, torch.zeros(2, dtype=F64))
+
+
+# --- per-step generators --------------------------------------------------------------------------
+
+def _draws(seed, rank, step, n=2000):
+    return torch.rand(n, generator=step_generator(seed, rank, step), dtype=F64)
+
+
+def test_step_generator_is_deterministic():
+    """The same (seed, rank, step) gives the same stream in a fresh generator (resume = re-run)."""
+    for key in [(0, 0, 0), (3, 1, 12345), (2 ** 31 - 1, 7, 10 ** 7)]:
+        assert torch.equal(_draws(*key), _draws(*key))
+
+
+def test_step_generators_are_different_independent_streams():
+    """Different (seed, rank, step), including permutations of the same numbers, give different,
+    uncorrelated streams: |corr| of 2000 uniforms within 5/√2000 of 0 for every pair."""
+    keys = list(itertools.product((0, 1, 2), repeat=3))               # (0,1,0) vs (0,0,1) vs (1,0,0) …
+    streams = {key: _draws(*key) for key in keys}
+    firsts = {float(s[0]) for s in streams.values()}
+    assert len(firsts) == len(keys)
+    z = torch.stack([(s - s.mean()) / s.std() for s in streams.values()])
+    corr = (z @ z.T) / (z.shape[1] - 1)
+    off = corr[~torch.eye(len(keys), dtype=torch.bool)]
+    bound = 5 / z.shape[1] ** 0.5
+    assert float(off.abs().max()) <= bound, float(off.abs().max())
+
+
+# --- which config changes a resume accepts --------------------------------------------------------
+
+# docs/user_guide.md: "Changing training.iterations (to extend a run), log_every, eval_every,
+# checkpoint_every, keep_checkpoints or [eval] is allowed; any other change is refused with the keys that differ".
+ALLOWED = {"training.iterations", "training.log_every", "training.eval_every", "training.checkpoint_every",
+           "training.keep_checkpoints"}
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value + [1]
+    return "x"
+
+
+def _with(d: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(d)
+    *path, last = dotted.split(".")
+    node = out
+    for key in path:
+        node = node[key]
+    node[last] = value
+    return out
+
+
+def test_config_differences_follow_the_user_guide():
+    """Every single-key change of the full config: the guide's resumable keys (and all of [eval]) are
+    ignored, any other key is reported as exactly that dotted key."""
+    base = Config().to_dict()
+    leaves = dict(_leaves(base))
+    assert ALLOWED <= set(leaves) and any(k.startswith("eval.") for k in leaves)
+    for key, value in leaves.items():
+        got = config_differences(base, _with(base, key, _changed(value)))
+        allowed = key in ALLOWED or key.startswith("eval.")
+        assert got == ([] if allowed else [key]), (key, got)
+
+
+def test_config_differences_reports_added_and_removed_keys_in_order():
+    """Keys present on one side only differ too; the report is sorted; resumable keys stay ignored."""
+    base = Config().to_dict()
+    new = _with(_with(base, "training.lr", 1.0), "objective.dsm_weight", 0.0)
+    new["training"]["extra_key"] = 1
+    del new["run"]["threads"]
+    new["training"]["iterations"] *= 2
+    assert config_differences(base, new) == ["objective.dsm_weight", "run.threads", "training.extra_key", "training.lr"]
+    assert config_differences(base, base) == []
