@@ -40,6 +40,18 @@ def data_shape(cfg: Config) -> tuple[tuple[int, ...], int]:
         (k.get("label_dim", 0) if d.class_conditional else 0)
 
 
+def _dropout(cfg: Config) -> str:
+    """The dropout rate the student trains with (θ and θ⁻ passes run in train mode)."""
+    from apctl.networks.registry import EDM_PRESET_KWARGS
+
+    if cfg.student.dropout >= 0:
+        return f"{cfg.student.dropout:g} (student.dropout)"
+    if cfg.student.kind == "mlp":
+        return "none (MLP)"
+    rate = EDM_PRESET_KWARGS.get(cfg.student.network, {}).get("dropout")
+    return "the architecture's own" + (f" ({rate:g})" if rate is not None else "")
+
+
 def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, str]]:
     from apctl.schedules import karras_sigmas
 
@@ -64,6 +76,8 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
     else:
         data = f"{d.kind} {d.path or ''}".strip() + f" ({'x-flip, ' if d.xflip else ''}{'class-conditional' if d.class_conditional else 'unconditional'})"
     grid = karras_sigmas(o.grid_points)
+    c = o.ctm
+    distance = o.distance.kind + (f" ({o.distance.lpips_net}, {o.distance.lpips_pooling} pooling)" if o.distance.kind == "lpips" else "")
     precond = {"analytic": f"Analytic-Precond ({p.form} form, {p.statistics.n_points} λ-points × "
                            f"{p.statistics.n_samples} samples)", "ctm": "CTM (s/t, 1 − s/t)",
                "cm": "CM (c_skip/c_out with ε)"}[p.kind]
@@ -74,10 +88,17 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
         ("dataset", data),
         ("data shape", f"{tuple(shape)}, {label_dim or 'no'} classes"),
         ("student", student),
-        ("objective", f"{o.kind.upper()}, distance {o.distance.kind}" + (f", DSM weight {o.ctm.dsm_weight}" if o.kind == "ctm" else "")),
+        ("objective", f"{o.kind.upper()}, distance {distance}"),
+        *([("CTM rules", f"teacher steps {c.teacher_steps_law} (≤ {c.max_teacher_steps}), DSM weight "
+                         f"{'adaptive' if c.dsm_weighting == 'adaptive' else c.dsm_weight}, DSM σ {c.dsm_sigma_law}"
+                         f"{f' ({c.dsm_uniform_fraction:g} uniform)' if c.dsm_sigma_law == 'halflognormal' else ''}, "
+                         f"target inner jump by the {'current θ (no grad)' if c.target_inner == 'student' else 'EMA θ⁻'}")]
+          if o.kind == "ctm" else []),
+        ("dropout", _dropout(cfg)),
         ("preconditioning", precond),
         ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"),
         ("max teacher Heun steps", str(o.ctm.max_teacher_steps if o.kind == "ctm" else 1)),
+        ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras" else "Karras levels snapped to the grid"),
         ("optimizer", f"{tr.optimizer}, lr {tr.lr:g}"),
         ("target EMA μ", f"{o.target_ema:g}"),
         ("evaluation EMA", f"{tr.ema_decay:g}"),

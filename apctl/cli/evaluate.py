@@ -58,6 +58,7 @@ def evaluate(
     if fid is not None and fid != "teacher" and not Path(fid).is_file():
         raise ApctlError(f"--fid must be 'teacher' or an existing .npz of reference statistics, got {fid!r}")
     results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma, fid_reference=fid,
+                      schedule=trained.cfg.eval.sigmas,
                       inception_weights=str(inception_weights) if inception_weights else None)
     report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,
               "precond": trained.cfg.precond.kind, "objective": trained.cfg.objective.kind,

@@ -20,7 +20,7 @@ def _parse_floats(text: str, what: str) -> list[float]:
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz (samples, labels, sigmas); a .png grid/scatter is written beside it."),
-    nfe: int = typer.Option(2, "--nfe", "-n", help="Network evaluations: default σ list = Karras schedule of NFE+1 levels snapped to the training grid."),
+    nfe: int = typer.Option(2, "--nfe", "-n", help="Network evaluations: default σ list = Karras schedule of NFE+1 levels (snapped to the training grid unless the run's eval.sigmas = 'karras')."),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Explicit decreasing σ list, e.g. 80,0.8,0.002 (overrides --nfe)."),
     count: int = typer.Option(64, "--n", help="How many samples."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
@@ -50,7 +50,7 @@ def sample(
     from apctl.training.trained import load_trained_student
 
     trained = load_trained_student(ckpt, weights)
-    sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid)
+    sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid, trained.cfg.eval.sigmas)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((count, *trained.shape), generator=gen)
     labels = None

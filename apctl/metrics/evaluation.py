@@ -12,7 +12,8 @@ from apctl.sampling import default_sigmas, student_sample
 
 
 def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamma: float = 0.0,
-            batch_size: int = 1024, fid_reference=None, inception_weights: str | None = None) -> dict[str, dict]:
+            batch_size: int = 1024, fid_reference=None, inception_weights: str | None = None,
+            schedule: str = "grid") -> dict[str, dict]:
     """{"nfe=N": {"alignment_rms", "sliced_w2", "sigmas"[, "fid"]}} for each NFE, from the probe's fixed noise.
 
     With `fid_reference` ("teacher": the probe's teacher-ODE samples; or an EDM-style .npz of
@@ -27,7 +28,7 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
             fid_reference = compute_reference_stats(probe.reference, weights_path=inception_weights)
     out = {}
     for nfe in nfes:
-        sigmas = default_sigmas(nfe, grid)
+        sigmas = default_sigmas(nfe, grid, schedule)
         gen = torch.Generator().manual_seed(0)
         chunks = []
         for start in range(0, probe.z.shape[0], batch_size):
@@ -44,12 +45,12 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
 
 
 def training_probe(teacher, shape, label_dim: int, n: int, seed: int, teacher_steps: int, grid,
-                   nfes: Sequence[int] = (1, 2), progress=None) -> Callable:
+                   nfes: Sequence[int] = (1, 2), progress=None, schedule: str = "grid") -> Callable:
     """probe(run) → {"align_nfe1": …, "align_nfe2": …} for the run's evaluation-EMA student."""
     probe = AlignmentProbe(teacher, shape, n, seed, teacher_steps, label_dim, progress=progress)
 
     def evaluate(run) -> dict[str, float]:
-        results = measure(probe, run.ema, run.precond, grid, nfes)
+        results = measure(probe, run.ema, run.precond, grid, nfes, schedule=schedule)
         return {f"align_nfe{nfe}": results[f"nfe={nfe}"]["alignment_rms"] for nfe in nfes}
 
     return evaluate

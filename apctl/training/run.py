@@ -244,7 +244,7 @@ def alignment_probe(run: Run, progress=None):
         return None
     e = run.cfg.eval
     return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
-                          e.seed, e.teacher_steps, run.objective.grid.numpy(), progress=progress)
+                          e.seed, e.teacher_steps, run.objective.grid.numpy(), progress=progress, schedule=e.sigmas)
 
 
 @torch.no_grad()
@@ -257,7 +257,7 @@ def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np
     labels = None
     if run.data_source.label_dim:
         labels = torch.nn.functional.one_hot(torch.arange(n) % run.data_source.label_dim, run.data_source.label_dim).float()
-    samples = student_sample(run.ema, run.precond, z.to(run.device), default_sigmas(nfe, run.objective.grid.numpy()),
+    samples = student_sample(run.ema, run.precond, z.to(run.device), default_sigmas(nfe, run.objective.grid.numpy(), run.cfg.eval.sigmas),
                              None if labels is None else labels.to(run.device))
     reference = run.teacher.sample(n, gen).float().cpu().numpy() if run.teacher.exact else None
     return samples.cpu().numpy(), reference
