@@ -48,9 +48,10 @@ class TeacherConfig:
     kind = "empirical": the exact mixture over a data set (`[data]`), one component per example with
     isotropic std `bandwidth` (0 = the empirical distribution itself).
     kind = "network": an EDM network from `file` (EDM pickle, OpenAI ADM .pt, or apctl safetensors).
+    kind = "none": no teacher (training a teacher with objective.kind = "edm" on a data set).
     """
 
-    kind: str = field(default="gmm", metadata=_choice("gmm", "empirical", "network"))
+    kind: str = field(default="gmm", metadata=_choice("gmm", "empirical", "network", "none"))
     means: list = field(default_factory=list)
     stds: Any = 0.0
     weights: list = field(default_factory=list)
@@ -72,9 +73,11 @@ class DataConfig:
 
 @dataclass
 class StudentConfig:
-    """The two-time denoiser D_θ(x, t, s). kind = "mlp" (low-dimensional data) or "unet" (images)."""
+    """The network that trains. kind = "mlp" or "unet": a two-time student D_θ(x, t, s) for vectors or
+    images; kind = "denoiser": a one-time EDM denoiser D_θ(x, σ) (EDMPrecond around `network`), what
+    `apctl teacher train` trains."""
 
-    kind: str = field(default="mlp", metadata=_choice("mlp", "unet"))
+    kind: str = field(default="mlp", metadata=_choice("mlp", "unet", "denoiser"))
     hidden: int = field(default=256, metadata=_range(1))
     depth: int = field(default=4, metadata=_range(1))
     embed_dim: int = field(default=64, metadata=_range(2))
@@ -142,6 +145,14 @@ class CDObjectiveConfig:
 
 
 @dataclass
+class EDMObjectiveConfig:
+    """EDM's denoiser loss (`apctl teacher train`): ln σ ~ N(p_mean, p_std²), weight (σ² + σ_d²)/(σ·σ_d)²."""
+
+    p_mean: float = -1.2
+    p_std: float = field(default=1.2, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass
 class ObjectiveConfig:
     """The training objective: the keys every kind shares, then one section per kind.
 
@@ -150,14 +161,15 @@ class ObjectiveConfig:
     changes `kind` drops the inherited section of the old kind.
     """
 
-    KINDS: ClassVar[dict[str, type]] = {"ctm": CTMObjectiveConfig, "cd": CDObjectiveConfig}
+    KINDS: ClassVar[dict[str, type]] = {"ctm": CTMObjectiveConfig, "cd": CDObjectiveConfig, "edm": EDMObjectiveConfig}
 
-    kind: str = field(default="ctm", metadata=_choice("ctm", "cd"))
+    kind: str = field(default="ctm", metadata=_choice("ctm", "cd", "edm"))
     grid_points: int = field(default=18, metadata=_range(2))
     target_ema: float = field(default=0.999, metadata=_range(0.0, 1.0))
     distance: DistanceConfig = field(default_factory=DistanceConfig)
     ctm: Optional[CTMObjectiveConfig] = None
     cd: Optional[CDObjectiveConfig] = None
+    edm: Optional[EDMObjectiveConfig] = None
 
     def __post_init__(self) -> None:
         if self.kind in self.KINDS and getattr(self, self.kind) is None:
@@ -449,14 +461,19 @@ def validate(cfg: Config, source: str) -> None:
             raise ConfigError(source, "data.kind", "a gmm teacher draws its own data: use data.kind = 'teacher'")
     if t.kind == "empirical" and cfg.data.kind == "teacher":
         raise ConfigError(source, "data.kind", "an empirical teacher needs a data set (digits, cifar10, edm, folder)")
+    o = cfg.objective
+    if (o.kind == "edm") != (cfg.student.kind == "denoiser"):
+        raise ConfigError(source, "student.kind", "objective.kind = 'edm' trains student.kind = 'denoiser', "
+                                                  "and a denoiser trains only with the edm objective")
+    if t.kind == "none" and (o.kind != "edm" or cfg.data.kind == "teacher"):
+        raise ConfigError(source, "teacher.kind", "'none' is for teacher training (objective.kind = 'edm') on a data set")
     if t.kind == "network" and cfg.data.kind == "teacher":
         raise ConfigError(source, "data.kind", "a network teacher needs a data set (digits, cifar10, edm, folder)")
-    o = cfg.objective
     if o.kind == "ctm" and o.ctm.max_teacher_steps > o.grid_points - 1:
         raise ConfigError(source, "objective.ctm.max_teacher_steps", f"at most objective.grid_points − 1 = {o.grid_points - 1}")
     if o.distance.kind == "lpips" and o.distance.lpips_pooling == "avg" and o.distance.lpips_net != "vgg":
         raise ConfigError(source, "objective.distance.lpips_pooling", "average pooling is CTM's VGG variant: it needs lpips_net = 'vgg'")
-    if o.distance.kind == "lpips" and cfg.student.kind != "unet":
+    if o.distance.kind == "lpips" and cfg.student.kind == "mlp":
         raise ConfigError(source, "objective.distance.kind", "lpips compares images: it needs student.kind = 'unet'")
     if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg.eval.nfe):
         raise ConfigError(source, "eval.nfe", "must be a list of positive integers")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from apctl.cli.options import DataOpt, PresetOpt, SetOpt, TeacherOpt, resolve_config
+from apctl.errors import ApctlError
 
 
 def distill(
@@ -25,6 +26,13 @@ def distill(
     and samples.png to the run directory. Re-run the same command to resume from the last checkpoint;
     under `torchrun --nproc_per_node=K` the global batch is split over K processes."""
     cfg, preset_path = resolve_config(preset, overrides, teacher, data)
+    if cfg.objective.kind == "edm":
+        raise ApctlError(f"preset {preset!r} trains a teacher (objective.kind = 'edm'); run `apctl teacher train --preset {preset}`")
+    run_training("distill", cfg, preset, preset_path, out, dry_run)
+
+
+def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optional[Path], dry_run: bool) -> None:
+    """The training run behind `apctl distill` and `apctl teacher train`: the plan, or prepare → train → finish."""
     out = out or Path("runs") / cfg.run.name
     from apctl.cli.ui import console
 
@@ -33,7 +41,7 @@ def distill(
 
         from apctl.plan import describe_plan
 
-        table = Table(title=f"apctl distill --preset {preset} (dry run)", show_header=False)
+        table = Table(title=f"apctl {command} --preset {preset} (dry run)", show_header=False)
         table.add_column(style="bold")
         table.add_column()
         for key, value in describe_plan(cfg, preset_path, out):
@@ -47,7 +55,7 @@ def distill(
 
     distributed.init()
     try:
-        reporter = DistillReporter()
+        reporter = DistillReporter(command)
         if not distributed.is_main():
             from apctl.training.run import SilentReporter
 

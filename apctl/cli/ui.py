@@ -41,7 +41,8 @@ class ProgressCallback:
 class DistillReporter:
     """Draws the training bar (loss and it/s) and prints the engine's messages above it."""
 
-    def __init__(self):
+    def __init__(self, phase: str = "distill"):
+        self.phase = phase
         self.bar = None
         self.task = None
         self.stats = ProgressCallback("teacher statistics")
@@ -55,7 +56,7 @@ class DistillReporter:
     def start(self, start_step: int, total_steps: int) -> None:
         self.bar = progress_bar()
         self.bar.start()
-        self.task = self.bar.add_task("distill", total=total_steps, completed=start_step, info="")
+        self.task = self.bar.add_task(self.phase, total=total_steps, completed=start_step, info="")
 
     def step(self, step: int, logs: dict) -> None:
         info = ""

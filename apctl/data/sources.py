@@ -15,6 +15,7 @@ class TeacherSamples:
 
     def __init__(self, teacher, conditional: bool):
         self.teacher = teacher
+        self.shape = teacher.shape
         self.label_dim = teacher.label_dim if conditional else 0
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -33,6 +34,7 @@ class DatasetSamples:
     def __init__(self, data: ImageData, xflip: bool):
         self.data = data
         self.xflip = xflip
+        self.shape = data.image_shape
         self.label_dim = data.label_dim
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -23,19 +23,28 @@ def student_architecture(cfg: StudentConfig, shape: tuple[int, ...], label_dim: 
     if cfg.kind == "mlp":
         return {"kind": "mlp", "shape": list(shape), "label_dim": label_dim, "hidden": cfg.hidden,
                 "depth": cfg.depth, "embed_dim": cfg.embed_dim}
+    if cfg.kind == "denoiser":
+        return {"kind": "denoiser", "init_kwargs": _preset_resized(cfg.network, shape, label_dim)}
     if cfg.init_from_teacher and teacher_network is not None:
         return {"kind": "unet", "init_kwargs": dict(teacher_network.init_kwargs)}
+    if cfg.init_from_teacher:
+        return {"kind": "unet", "init_kwargs": _preset(cfg.network)}
+    return {"kind": "unet", "init_kwargs": _preset_resized(cfg.network, shape, label_dim)}
+
+
+def _preset(name: str) -> dict[str, Any]:
     from apctl.networks.registry import EDM_PRESET_KWARGS
 
-    if cfg.network not in EDM_PRESET_KWARGS:
-        raise ApctlError(f"student.network: unknown network preset {cfg.network!r} (known: {', '.join(EDM_PRESET_KWARGS)})")
-    kwargs = dict(EDM_PRESET_KWARGS[cfg.network])
-    if cfg.init_from_teacher:
-        return {"kind": "unet", "init_kwargs": kwargs}
+    if name not in EDM_PRESET_KWARGS:
+        raise ApctlError(f"student.network: unknown network preset {name!r} (known: {', '.join(EDM_PRESET_KWARGS)})")
+    return dict(EDM_PRESET_KWARGS[name])
+
+
+def _preset_resized(name: str, shape: tuple[int, ...], label_dim: int) -> dict[str, Any]:
+    """The preset network's keyword arguments with the data's channels, resolution and classes."""
     if len(shape) != 3 or shape[1] != shape[2]:
-        raise ApctlError(f"student.kind = 'unet' needs square images, got data shape {tuple(shape)}")
-    kwargs.update(img_channels=shape[0], img_resolution=shape[1], label_dim=label_dim)
-    return {"kind": "unet", "init_kwargs": kwargs}
+        raise ApctlError(f"student.network {name!r} needs square images, got data shape {tuple(shape)}")
+    return dict(_preset(name), img_channels=shape[0], img_resolution=shape[1], label_dim=label_dim)
 
 
 def build_student(arch: dict[str, Any], teacher_network: nn.Module | None = None) -> nn.Module:
@@ -43,6 +52,10 @@ def build_student(arch: dict[str, Any], teacher_network: nn.Module | None = None
     (so D_θ(x, t, s) = D_teacher(x, t) at the start), else freshly initialised."""
     if arch["kind"] == "mlp":
         return TwoTimeMLP(tuple(arch["shape"]), arch["label_dim"], arch["hidden"], arch["depth"], arch["embed_dim"])
+    if arch["kind"] == "denoiser":
+        from apctl.networks.registry import build_network
+
+        return build_network("EDMPrecond", arch["init_kwargs"])
     from apctl.networks.two_time import TwoTimeDenoiser
 
     if teacher_network is not None:

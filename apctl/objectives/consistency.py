@@ -29,8 +29,6 @@ Each objective returns (loss, logs) with logs as detached device tensors.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -100,6 +98,8 @@ def _unwrap(net: nn.Module) -> nn.Module:
 
 
 class _GridObjective:
+    distills = True       # needs a teacher, a target network θ⁻ and a preconditioning
+
     def __init__(self, teacher, precond, grid: np.ndarray, distance: nn.Module):
         self.teacher = teacher
         self.precond = precond
@@ -205,15 +205,19 @@ class CDObjective(_GridObjective):
 def build_objective(cfg: ObjectiveConfig, teacher, precond):
     """The objective of the `[objective]` section: shared keys here, the kind's own keys from its section."""
     grid = karras_sigmas(cfg.grid_points)
-    distance = build_distance(cfg.distance)
+    distance = build_distance(cfg.distance) if cfg.kind != "edm" else None
     if cfg.kind == "ctm":
         c = cfg.ctm
         return CTMObjective(teacher, precond, grid, distance, c.max_teacher_steps, c.teacher_steps_law,
                             c.dsm_weighting, c.dsm_weight, c.dsm_sigma_law, c.dsm_uniform_fraction, c.target_inner)
     if cfg.kind == "cd":
         return CDObjective(teacher, precond, grid, distance)
+    if cfg.kind == "edm":
+        from apctl.objectives.edm import EDMObjective
+
+        return EDMObjective(cfg.edm.p_mean, cfg.edm.p_std)
     raise ApctlError(f"unknown objective {cfg.kind!r}")
 
 
 __all__ = ["CDObjective", "CTMObjective", "adaptive_weight", "build_objective", "ctm_indices", "dsm_sigmas",
-           "weighted_teacher_steps", "math"]
+           "weighted_teacher_steps"]

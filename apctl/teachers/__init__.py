@@ -68,9 +68,11 @@ def find_teacher_file(name: str) -> Path:
                      f"or put it in ${TEACHER_DIR_ENV}")
 
 
-def build_teacher(t: TeacherConfig, data=None) -> Teacher:
-    """The teacher of the `[teacher]` section; `data` (an ImageData, labelled when the run is
-    class-conditional) is needed for empirical teachers."""
+def build_teacher(t: TeacherConfig, data=None) -> Teacher | None:
+    """The teacher of the `[teacher]` section (None for kind = "none"); `data` (an ImageData,
+    labelled when the run is class-conditional) is needed for empirical teachers."""
+    if t.kind == "none":
+        return None
     if t.kind == "gmm":
         stds = t.stds if isinstance(t.stds, list) else [float(t.stds)] * len(t.means)
         try:

@@ -95,7 +95,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run:
     from apctl.data.sources import build_data_source, load_training_data
     from apctl.networks.student import build_student, set_dropout, student_architecture
-    from apctl.objectives import build_objective
+    from apctl.objectives import build_objective, distills
     from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
     from apctl.teachers import build_teacher
 
@@ -125,11 +125,13 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
             # A fresh run: logs of an earlier attempt that never reached a checkpoint are stale.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
+    distilling = distills(cfg.objective)
     # The teacher moves to the device before anything evaluates it (statistics, probe, training).
-    teacher.to(device)
+    if teacher is not None:
+        teacher.to(device)
     # Only rank 0 estimates statistics; the others then read its cache.
     stats = None
-    if needs_statistics(cfg.precond):
+    if distilling and needs_statistics(cfg.precond):
         if not distributed.is_main():
             distributed.barrier()
         stats, origin = obtain_statistics(cfg.precond, teacher, data_source, run_dir / "precond_stats.safetensors",
@@ -137,16 +139,18 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
         reporter.message(f"Analytic-Precond statistics: {origin} ({len(stats.lam)} levels)")
         if distributed.is_main():
             distributed.barrier()
-    precond = build_preconditioning(cfg.precond, stats)
+    precond = build_preconditioning(cfg.precond, stats) if distilling else None
 
     torch.manual_seed(cfg.run.seed)
-    arch = student_architecture(cfg.student, teacher.shape, data_source.label_dim, teacher.network)
-    student = build_student(arch, teacher.network if cfg.student.init_from_teacher else None).to(device)
+    teacher_network = teacher.network if teacher is not None else None
+    arch = student_architecture(cfg.student, data_source.shape, data_source.label_dim, teacher_network)
+    student = build_student(arch, teacher_network if cfg.student.init_from_teacher else None).to(device)
     set_dropout(student, cfg.student.dropout)
     # θ and θ⁻ run in train mode (the architecture's dropout applies in every pass, as in CTM's code);
     # the evaluation EMA samples in eval mode; the teacher is always in eval mode.
     student.train()
-    target, ema = frozen_copy(student).train(), frozen_copy(student).eval()
+    target = frozen_copy(student).train() if distilling else None
+    ema = frozen_copy(student).eval()
     opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.training.optimizer]
     optimizer = opt_cls(student.parameters(), lr=cfg.training.lr)
     objective = build_objective(cfg.objective, teacher, precond).to(device)
@@ -155,7 +159,8 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
               arch, device, scaler)
     if latest is not None:
         run.student.load_state_dict(latest.group("student"))
-        run.target.load_state_dict(latest.group("target"))
+        if run.target is not None:
+            run.target.load_state_dict(latest.group("target"))
         run.ema.load_state_dict(latest.group("ema"))
         restore_optimizer(run.optimizer, latest)
         if latest.meta.get("scaler"):
@@ -176,11 +181,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def save(run: Run, logs: dict | None = None) -> Path | None:
     if not distributed.is_main():
         return None
-    meta = {"config": run.cfg.to_dict(), "student": run.arch, "teacher_fingerprint": run.teacher.fingerprint(),
+    meta = {"config": run.cfg.to_dict(), "student": run.arch,
+            "teacher_fingerprint": run.teacher.fingerprint() if run.teacher is not None else "",
             "scaler": run.scaler.state_dict(), "logs": logs or {}}
-    precond_state = {f"precond.{k}": v for k, v in run.precond.state_dict().items()}
-    return save_checkpoint(run.checkpoint_dir, run.step, meta,
-                           {"student": run.student, "target": run.target, "ema": run.ema},
+    precond_state = {f"precond.{k}": v for k, v in run.precond.state_dict().items()} if run.precond else {}
+    networks = {"student": run.student, "target": run.target, "ema": run.ema}
+    return save_checkpoint(run.checkpoint_dir, run.step, meta, {k: v for k, v in networks.items() if v is not None},
                            run.optimizer, extra_tensors=precond_state, keep=run.cfg.training.keep_checkpoints)
 
 
@@ -240,7 +246,7 @@ def alignment_probe(run: Run, progress=None):
     ODE on fixed noise (`[eval]` seed, at most 1,024 samples); None when `training.eval_every` = 0."""
     from apctl.metrics.evaluation import training_probe
 
-    if not run.cfg.training.eval_every:
+    if not run.cfg.training.eval_every or run.target is None:
         return None
     e = run.cfg.eval
     return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
@@ -263,11 +269,53 @@ def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np
     return samples.cpu().numpy(), reference
 
 
+def export_teacher(run: Run) -> Path:
+    """The evaluation-EMA denoiser of a teacher-training run as an apctl teacher file
+    (`<run>/teacher.safetensors` + JSON with its fingerprint and the config and step that made it),
+    which `--teacher` and `apctl teacher import` accept."""
+    import copy
+
+    from apctl.teachers.apctl_format import save_teacher
+    from apctl.teachers.bundle import TeacherBundle, compute_fingerprint
+
+    network = copy.deepcopy(run.ema).to("cpu").eval()
+    arch = {"class_name": "EDMPrecond", "init_kwargs": dict(run.arch["init_kwargs"])}
+    bundle = TeacherBundle(network=network, arch=arch, source_format="apctl",
+                           fingerprint=compute_fingerprint(network.state_dict(), arch),
+                           source={"format": "apctl teacher train", "file": str(run.run_dir)},
+                           extras={"trained_by": {"config": run.cfg.to_dict(), "step": run.step}})
+    weights, _ = save_teacher(bundle, run.run_dir / "teacher.safetensors")
+    return weights
+
+
+@torch.no_grad()
+def teacher_samples(run: Run, n: int = 100, steps: int = 18) -> np.ndarray:
+    """EDM's deterministic sampler on the evaluation-EMA denoiser: `steps` Karras levels then σ = 0,
+    2·steps − 1 evaluations (35 for 18); classes cycle when conditional."""
+    from apctl.sampling import heun_solve
+    from apctl.schedules import karras_sigmas
+
+    gen = torch.Generator().manual_seed(run.cfg.eval.seed)
+    z = torch.randn((n, *run.data_source.shape), generator=gen).to(run.device)
+    labels = None
+    if run.data_source.label_dim:
+        labels = torch.nn.functional.one_hot(torch.arange(n) % run.data_source.label_dim,
+                                             run.data_source.label_dim).float().to(run.device)
+    sigmas = karras_sigmas(steps).tolist() + [0.0]
+    return heun_solve(run.ema, z * sigmas[0], sigmas, labels).cpu().numpy()
+
+
 def finish(run: Run) -> list[str]:
-    """Write samples.png and return summary lines."""
+    """Write samples.png (and, for teacher training, the teacher file) and return summary lines."""
     from apctl.plots import plot_samples
 
-    image = len(run.teacher.shape) == 3
+    if run.target is None:       # teacher training: export the EMA denoiser and show its EDM samples
+        weights = export_teacher(run)
+        path = run.run_dir / "samples.png"
+        plot_samples(teacher_samples(run), path, title=f"{run.cfg.run.name}: EDM sampler, 35 NFE, step {run.step}")
+        return [f"run directory: {run.run_dir}", f"teacher: {weights} (use it with --teacher)",
+                f"35-NFE samples: {path}"]
+    image = len(run.data_source.shape) == 3
     samples, reference = final_samples(run, n=64 if image else 1024)
     path = run.run_dir / "samples.png"
     plot_samples(samples, path, None if image else reference, title=f"{run.cfg.run.name}: 2-step samples, step {run.step}")

@@ -56,6 +56,7 @@ def train_step(run, step: int, model: torch.nn.Module, rank: int = 0, per_rank: 
     run.scaler.step(run.optimizer)
     run.scaler.update()
     took = torch.isfinite(grad_norm) if run.scaler.is_enabled() else torch.ones((), dtype=torch.bool, device=grad_norm.device)
-    ema_update(run.target, run.student, cfg.objective.target_ema, took)
+    if run.target is not None:
+        ema_update(run.target, run.student, cfg.objective.target_ema, took)
     ema_update(run.ema, run.student, tc.ema_decay, took)
     return dict(logs, grad_norm=grad_norm.detach(), skipped=(~took).float())
