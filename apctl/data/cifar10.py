@@ -28,7 +28,7 @@ import numpy as np
 
 from apctl.data.images import (ImageData, data_search_dirs, describe_looked, describe_search_dirs,
                                resolve_data_path)
-from apctl.errors import ApctlError
+from apctl.errors import ApctlError, UnreadablePickleError, UnsafePickleError
 from apctl.safe_pickle import restricted_load
 
 TARBALL_NAME = "cifar-10-python.tar.gz"
@@ -183,11 +183,8 @@ def _parse_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     fix = f"replace it with the one from {TARBALL_NAME} (download from {DOWNLOAD_PAGE})"
     try:
         batch = restricted_load(raw, _numpy_allowlist(), what=f"CIFAR-10 batch {where}")
-    except ApctlError as exc:
-        message = str(exc)
-        if where not in message:  # safe_pickle's scan errors do not name the file
-            message = f"CIFAR-10 batch {where}: {message}"
-        raise ApctlError(f"{message}; {fix}") from None
+    except (UnsafePickleError, UnreadablePickleError) as exc:  # their messages name `where` already
+        raise type(exc)(f"{exc}; {fix}") from None
     if not isinstance(batch, dict):
         raise ApctlError(f"CIFAR-10 batch {where} holds a {type(batch).__name__}, not a dict; {fix}")
     try:
