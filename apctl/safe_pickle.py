@@ -189,3 +189,23 @@ def restricted_load(data: bytes, allowed: Allowlist, *, what: str = "pickle",
         raise
     except Exception as exc:
         raise UnreadablePickleError(f"{what} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def numpy_array_allowlist() -> dict[tuple[str, str], Any]:
+    """The globals a pickled numpy array needs (ndarray, dtype, _reconstruct), under both module names.
+
+    numpy 2 pickles name numpy._core, numpy 1 pickles name numpy.core; either may appear in a file
+    and both must resolve to whichever the installed numpy provides.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }

@@ -29,7 +29,7 @@ import numpy as np
 from apctl.data.images import (ImageData, data_search_dirs, describe_looked, describe_search_dirs,
                                resolve_data_path)
 from apctl.errors import ApctlError, UnreadablePickleError, UnsafePickleError
-from apctl.safe_pickle import restricted_load
+from apctl.safe_pickle import numpy_array_allowlist, restricted_load
 
 TARBALL_NAME = "cifar-10-python.tar.gz"
 BATCH_DIR_NAME = "cifar-10-batches-py"
@@ -44,19 +44,9 @@ _MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 
 def _numpy_allowlist() -> dict[tuple[str, str], Any]:
-    try:  # numpy >= 2 (and 1.26, which ships the forward-compatible alias)
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # pragma: no cover - older numpy
-        from numpy.core.multiarray import _reconstruct
-    import _codecs
+    import _codecs  # Python 2 wrote some byte strings as _codecs.encode(text, 'latin1')
 
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _codecs.encode,
-    }
+    return {**numpy_array_allowlist(), ("_codecs", "encode"): _codecs.encode}
 
 
 def _batch_names(split: str) -> tuple[str, ...]:
