@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def _mpl():
@@ -18,16 +19,15 @@ def _mpl():
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] → one (rows·H, cols·W, C) uint8 mosaic."""
+    """(B, C, H, W) in [-1, 1] → one (rows·H, cols·W, C) uint8 mosaic, row-major, ⌈√B⌉ columns by default,
+    unused cells black."""
+    from torchvision.utils import make_grid
+
     images = np.clip((np.asarray(images, dtype=np.float64) + 1) * 127.5, 0, 255).astype(np.uint8)
-    B, C, H, W = images.shape
-    cols = columns or int(math.ceil(math.sqrt(B)))
-    rows = int(math.ceil(B / cols))
-    canvas = np.zeros((rows * H, cols * W, C), dtype=np.uint8)
-    for b in range(B):
-        r, c = divmod(b, cols)
-        canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = images[b].transpose(1, 2, 0)
-    return canvas
+    channels = images.shape[1]
+    cols = columns or int(math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(torch.from_numpy(images), nrow=cols, padding=0)  # grey comes back as 3 equal channels
+    return grid[:channels].permute(1, 2, 0).numpy()
 
 
 def plot_samples(samples: np.ndarray, path: str | Path, reference: np.ndarray | None = None, title: str = "") -> None:

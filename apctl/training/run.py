@@ -198,7 +198,7 @@ def save(run: Run, logs: dict | None = None) -> Path | None:
             "scaler": run.scaler.state_dict(), "logs": logs or {}}
     return save_checkpoint(run.checkpoint_dir, run.step, meta,
                            {"student": run.student, "target": run.target, "ema": run.ema},
-                           run.optimizer, None, extra, keep=run.cfg.training.keep_checkpoints)
+                           run.optimizer, extra, keep=run.cfg.training.keep_checkpoints)
 
 
 def _autocast(run: Run):
