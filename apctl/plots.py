@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from apctl.files import atomic_write
 
 
 def _mpl():
@@ -21,6 +23,7 @@ def _mpl():
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] → one (rows·H, cols·W, C) uint8 mosaic, row-major, ⌈√B⌉ columns by default,
     unused cells black."""
+    import torch
     from torchvision.utils import make_grid
 
     images = np.clip((np.asarray(images, dtype=np.float64) + 1) * 127.5, 0, 255).astype(np.uint8)
@@ -52,5 +55,7 @@ def plot_samples(samples: np.ndarray, path: str | Path, reference: np.ndarray | 
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    picture = io.BytesIO()
+    fig.savefig(picture, format=Path(path).suffix[1:] or "png", dpi=100)
     plt.close(fig)
+    atomic_write(path, picture.getvalue())
