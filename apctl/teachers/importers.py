@@ -23,7 +23,7 @@ from pathlib import Path
 
 from apctl.errors import ApctlError, MissingFileError, UnreadablePickleError, UnsafePickleError, first_line
 from apctl.teachers.apctl_format import load_apctl_teacher
-from apctl.teachers.bundle import TeacherBundle, compute_fingerprint
+from apctl.teachers.bundle import TeacherBundle
 from apctl.teachers.openai_adm import load_openai_adm
 from apctl.teachers.rebuild import build_and_load, positional_to_kwargs
 
@@ -77,16 +77,8 @@ def _load_edm_pickle(path: Path, data: bytes) -> TeacherBundle:
     class_name = contents.class_name
     network = build_and_load(class_name, init_kwargs, contents.state_dict, what)
     arch = {"class_name": class_name, "init_kwargs": init_kwargs}
-    return TeacherBundle(
-        network=network,
-        arch=arch,
-        source_format="edm-pickle",
-        fingerprint=compute_fingerprint(network.state_dict(), arch),
-        source={"format": "edm-pickle", "file": path.name},
-        source_sha256=hashlib.sha256(data).hexdigest(),
-        module_src_sha256=dict(contents.module_src_sha256),
-        extras=dict(contents.extras),
-    )
+    return TeacherBundle.imported(network, arch, "edm-pickle", path.name, hashlib.sha256(data).hexdigest(),
+                                  module_src_sha256=dict(contents.module_src_sha256), extras=dict(contents.extras))
 
 
 def _load_torch_file(path: Path) -> TeacherBundle:

@@ -63,7 +63,7 @@ from typing import Any, Mapping
 
 from apctl.errors import ApctlError
 from apctl.files import file_digest
-from apctl.teachers.bundle import TeacherBundle, compute_fingerprint
+from apctl.teachers.bundle import TeacherBundle
 from apctl.teachers.rebuild import build_and_load
 
 # What the weights of OpenAI's EDM-trained ADM checkpoints do not record.
@@ -314,13 +314,6 @@ def load_openai_adm(path: Path, adm: Mapping[str, Any]) -> TeacherBundle:
     arch = {"class_name": "EDMPrecond", "init_kwargs": dict(network.init_kwargs)}
     layout = {k: unet_kwargs[k] for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions",
                                            "label_dim")}
-    return TeacherBundle(
-        network=network,
-        arch=arch,
-        source_format="openai-adm",
-        fingerprint=compute_fingerprint(network.state_dict(), arch),
-        source={"format": "openai-adm", "file": path.name},
-        source_sha256=file_digest(path),
-        extras={"adm_layout": layout, "time_label": "1000 * 0.25 * ln(sigma)",
-                "assumed_img_resolution": ADM_IMG_RESOLUTION},
-    )
+    return TeacherBundle.imported(network, arch, "openai-adm", path.name, file_digest(path),
+                                  extras={"adm_layout": layout, "time_label": "1000 * 0.25 * ln(sigma)",
+                                          "assumed_img_resolution": ADM_IMG_RESOLUTION})
