@@ -1,10 +1,10 @@
 """Checkpoints: everything needed to resume a run exactly, or to sample and evaluate a student.
 
-A checkpoint is a pair written atomically (the JSON last, so its presence marks a complete pair):
+A checkpoint is a pair, each file written atomically (`apctl.files`) and the JSON last, so its
+presence marks a complete pair:
 
     checkpoints/ckpt-0001000.safetensors   student.*, target.*, ema.*   network weights
                                           optim.<param>.<name>         optimizer state tensors
-                                          rng.generator                data/objective RNG state
                                           precond.lam, .l, .s          Analytic-Precond statistics
     checkpoints/ckpt-0001000.json          format, step, resolved config, student architecture,
                                           optimizer hyper-parameters, teacher fingerprint, last logs
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from apctl.errors import ApctlError
+from apctl.errors import ApctlError, MissingFileError
+from apctl.files import atomic_path, atomic_write
 
 FORMAT = "apctl-checkpoint"
 VERSION = 1
@@ -66,11 +67,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(directory: Path, step: int, meta: dict[str, Any], networks: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None, generator: torch.Generator | None = None,
-                    extra_tensors: dict[str, torch.Tensor] | None = None, keep: int | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None, extra_tensors: dict[str, torch.Tensor] | None = None,
+                    keep: int | None = None) -> Path:
+    """Write `ckpt-<step>.safetensors` then `ckpt-<step>.json` into `directory`; returns the JSON's path.
+
+    Tensors: every network's state_dict under its key in `networks` (`student.*`, ...), the
+    optimizer's state tensors (`optim.*`, its scalars and param_groups go to the JSON) and
+    `extra_tensors` as named. The JSON is `meta` plus format, version and step. With `keep`, only
+    the newest `keep` checkpoints remain.
+    """
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for prefix, net in networks.items():
         for k, v in net.state_dict().items():
@@ -79,22 +86,17 @@ def save_checkpoint(directory: Path, step: int, meta: dict[str, Any], networks: 
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
-    if generator is not None:
-        tensors["rng.generator"] = generator.get_state()
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().cpu().contiguous()
     stem = directory / f"ckpt-{step:07d}"
-    tmp = stem.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(stem.with_suffix(".safetensors"))
-    tmp_json = stem.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(meta, indent=1, default=float))
-    tmp_json.replace(stem.with_suffix(".json"))
+    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    json_path = atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1, default=float))
     if keep:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".safetensors").unlink(missing_ok=True)
-    return stem.with_suffix(".json")
+    return json_path
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -113,11 +115,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             found = list_checkpoints(directory)
             if found:
                 return found[-1]
-        raise ApctlError(f"no checkpoint in {path} (expected {path}/checkpoints/ckpt-*.json from `apctl distill`)")
+        raise MissingFileError(f"no checkpoint in {path} (expected {path}/checkpoints/ckpt-*.json from `apctl distill`)")
     if path.suffix == ".safetensors":
         path = path.with_suffix(".json")
     if not path.is_file():
-        raise ApctlError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     return path
 
 
@@ -136,7 +138,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         tensors = load_file(str(weights))
     except FileNotFoundError:
-        raise ApctlError(f"checkpoint weights missing: {weights}") from None
+        raise MissingFileError(f"checkpoint weights missing: {weights}") from None
     except Exception as exc:
         raise ApctlError(f"{weights} is not a readable safetensors file ({exc})") from None
     return Checkpoint(json_path, meta, tensors)

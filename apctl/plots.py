@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
+
+from apctl.files import atomic_write
 
 
 def _mpl():
@@ -18,16 +21,16 @@ def _mpl():
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] → one (rows·H, cols·W, C) uint8 mosaic."""
+    """(B, C, H, W) in [-1, 1] → one (rows·H, cols·W, C) uint8 mosaic, row-major, ⌈√B⌉ columns by default,
+    unused cells black."""
+    import torch
+    from torchvision.utils import make_grid
+
     images = np.clip((np.asarray(images, dtype=np.float64) + 1) * 127.5, 0, 255).astype(np.uint8)
-    B, C, H, W = images.shape
-    cols = columns or int(math.ceil(math.sqrt(B)))
-    rows = int(math.ceil(B / cols))
-    canvas = np.zeros((rows * H, cols * W, C), dtype=np.uint8)
-    for b in range(B):
-        r, c = divmod(b, cols)
-        canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = images[b].transpose(1, 2, 0)
-    return canvas
+    channels = images.shape[1]
+    cols = columns or int(math.ceil(math.sqrt(images.shape[0])))
+    grid = make_grid(torch.from_numpy(images), nrow=cols, padding=0)  # grey comes back as 3 equal channels
+    return grid[:channels].permute(1, 2, 0).numpy()
 
 
 def plot_samples(samples: np.ndarray, path: str | Path, reference: np.ndarray | None = None, title: str = "") -> None:
@@ -52,5 +55,7 @@ def plot_samples(samples: np.ndarray, path: str | Path, reference: np.ndarray | 
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    picture = io.BytesIO()
+    fig.savefig(picture, format=Path(path).suffix[1:] or "png", dpi=100)
     plt.close(fig)
+    atomic_write(path, picture.getvalue())

@@ -18,7 +18,7 @@ import pickle
 import pickletools
 from typing import Any, Callable, Mapping
 
-from apctl.errors import ApctlError
+from apctl.errors import ApctlError, UnreadablePickleError, UnsafePickleError
 
 Allowlist = Mapping[tuple[str, str], Any]
 
@@ -42,14 +42,15 @@ _STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING",  # Python 2 s
                          "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"})
 
 
-def _scan(data: bytes) -> tuple[list[tuple[str, str]], list[str]]:
+def _scan(data: bytes, what: str | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Simulate the unpickler's stack and memo without creating anything.
 
     Returns every (module, name) the pickle would resolve, in order, and the names of globals a
     BUILD opcode would modify in place (`setattr` on a class or function named by the pickle).
     STACK_GLOBAL takes its operands from the real top of the stack (which may come from a memo
     lookup, a DUP, a Python 2 string, or sit under popped values); operands that are not string
-    constants cannot be resolved statically and make the pickle unreadable.
+    constants cannot be resolved statically and make the pickle unreadable. `what` names the
+    pickle in that error (prefixed as "{what}: "), so every error of `restricted_load` names it.
     """
     found: list[tuple[str, str]] = []
     built_on: list[str] = []
@@ -84,7 +85,9 @@ def _scan(data: bytes) -> tuple[list[tuple[str, str]], list[str]]:
         elif name == "STACK_GLOBAL":
             attr, module = pop(), pop()
             if not (isinstance(module, _Str) and isinstance(attr, _Str)):
-                raise ApctlError("pickle uses STACK_GLOBAL with names that cannot be resolved statically")
+                where = f"{what}: " if what else ""
+                raise UnsafePickleError(f"{where}pickle uses STACK_GLOBAL with names that cannot be resolved "
+                                        "statically")
             found.append((str(module), str(attr)))
             stack.append(_Global(str(module), str(attr)))
         elif name == "INST":  # protocol 0/1: imports module.name and instantiates it
@@ -143,13 +146,14 @@ def referenced_globals(data: bytes) -> list[tuple[str, str]]:
     except ApctlError:
         raise
     except Exception as exc:  # pickletools raises ValueError and friends on truncated data
-        raise ApctlError(f"not a readable pickle ({exc})") from None
+        raise UnreadablePickleError(f"not a readable pickle ({exc})") from None
 
 
 class _AllowlistUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, allowed: Allowlist, persistent_load: Callable | None):
+    def __init__(self, file: io.BytesIO, allowed: Allowlist, persistent_load: Callable | None, what: str):
         super().__init__(file, encoding="latin1")
         self._allowed = allowed
+        self._what = what
         if persistent_load is not None:
             self.persistent_load = persistent_load
 
@@ -157,29 +161,66 @@ class _AllowlistUnpickler(pickle.Unpickler):
         try:
             return self._allowed[(module, name)]
         except KeyError:
-            raise ApctlError(f"refused to load pickle: it calls {module}.{name}, which is not allowed") from None
+            raise UnsafePickleError(f"refused to load {self._what}: it calls {module}.{name}, which is not "
+                                    "allowed") from None
 
 
 def restricted_load(data: bytes, allowed: Allowlist, *, what: str = "pickle",
                     persistent_load: Callable | None = None) -> Any:
     """Unpickle `data`, resolving globals only through `allowed` ((module, name) → object).
 
-    Raises ApctlError naming every global outside the allowlist before anything is unpickled.
+    Raises UnsafePickleError naming every global outside the allowlist before anything is unpickled,
+    UnreadablePickleError for truncated or corrupt data; every message names `what`.
     """
     try:
-        found, built_on = _scan(data)
+        found, built_on = _scan(data, what)
     except ApctlError:
         raise
     except Exception as exc:  # pickletools raises ValueError and friends on truncated data
-        raise ApctlError(f"{what} is not a readable pickle ({exc})") from None
+        raise UnreadablePickleError(f"{what} is not a readable pickle ({exc})") from None
     refused = sorted({f"{m}.{n}" for m, n in found if (m, n) not in allowed})
     if refused:
-        raise ApctlError(f"refused to load {what}: it references {', '.join(refused)}, outside the allowlist")
+        raise UnsafePickleError(f"refused to load {what}: it references {', '.join(refused)}, outside the allowlist")
     if built_on:
-        raise ApctlError(f"refused to load {what}: it would set attributes on {', '.join(sorted(set(built_on)))}")
+        raise UnsafePickleError(f"refused to load {what}: it would set attributes on {', '.join(sorted(set(built_on)))}")
     try:
-        return _AllowlistUnpickler(io.BytesIO(data), allowed, persistent_load).load()
+        return _AllowlistUnpickler(io.BytesIO(data), allowed, persistent_load, what).load()
     except ApctlError:
         raise
     except Exception as exc:
-        raise ApctlError(f"{what} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+        raise UnreadablePickleError(f"{what} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def numpy_array_allowlist() -> dict[tuple[str, str], Any]:
+    """The globals a pickled numpy array needs (ndarray, dtype, _reconstruct), under both module names.
+
+    numpy 2 pickles name numpy._core, numpy 1 pickles name numpy.core; either may appear in a file
+    and both must resolve to whichever the installed numpy provides.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+
+def load_torch_file(path, what: str, hint: str) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: torch's own allowlist (tensors and containers).
+
+    A refused or unreadable file raises ApctlError "cannot read {what} {path} as a tensor-only torch
+    file (<exception type>); {hint}".
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ApctlError(f"cannot read {what} {path} as a tensor-only torch file ({type(exc).__name__}); "
+                         f"{hint}") from None

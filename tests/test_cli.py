@@ -129,7 +129,8 @@ def workspace(tmp_path_factory, cli):
     assert (ws / "run" / "checkpoints" / "ckpt-0000002.json").is_file()
 
     from apctl.networks import EDM_PRESET_KWARGS, build_preset
-    from apctl.teachers.importers import TeacherBundle, save_teacher
+    from apctl.teachers.apctl_format import save_teacher
+    from apctl.teachers.bundle import TeacherBundle
 
     name = "tiny-songunet-16-uncond"
     bundle = TeacherBundle(build_preset(name), {"class_name": "EDMPrecond", "init_kwargs": EDM_PRESET_KWARGS[name]},

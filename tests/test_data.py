@@ -305,7 +305,7 @@ def test_edm_dataset_images_and_labels(tmp_path, form):
     assert isinstance(data, ImageData) and data.name == "cifar10-8x8"
     np.testing.assert_array_equal(data.images, np.stack(images).transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(data.labels, labels)
-    assert data.label_dim == 7 and data.resolution == 8 and data.num_channels == 3
+    assert data.label_dim == 7 and data.image_shape == (3, 8, 8)
     assert load_image_data("edm", str(dest), use_labels=False).label_dim == 0
 
 
@@ -425,7 +425,7 @@ def test_digits_upsampled():
     for res in (16, 32):
         data = load_image_data("digits", None, resolution=res)
         assert data.images.shape == (1797, 1, res, res) and data.images.dtype == np.uint8
-        assert data.resolution == res
+        assert data.image_shape == (1, res, res)
     nearest = load_image_data("digits", None, resolution=16, upsample="nearest").images
     np.testing.assert_array_equal(nearest, native.repeat(2, axis=2).repeat(2, axis=3))
     with pytest.raises(ApctlError) as excinfo:

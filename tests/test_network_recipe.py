@@ -23,7 +23,9 @@ import pytest
 import torch
 
 from apctl.networks import EDM_PRESET_KWARGS, build_preset
-from apctl.teachers.importers import TeacherBundle, compute_fingerprint, load_teacher, save_teacher
+from apctl.teachers.apctl_format import save_teacher
+from apctl.teachers.bundle import TeacherBundle, compute_fingerprint
+from apctl.teachers.importers import load_teacher
 
 from edm_pickle_fixtures import edm_pickle_bytes
 
@@ -155,7 +157,7 @@ def test_both_teacher_files_hold_the_same_network(files):
 def _lpips_trunk_or_skip() -> None:
     import importlib.util
 
-    from apctl.packages import package_dir
+    from apctl.files import package_dir
 
     if importlib.util.find_spec("lpips") is None:
         pytest.skip("the `lpips` package (LPIPS' linear layers) is not installed")

@@ -19,12 +19,10 @@ from apctl.networks import build_network, build_preset
 from apctl.safe_pickle import referenced_globals, restricted_load
 from apctl.teachers import edm_pickle as ep
 from apctl.teachers.edm_pickle import parse_edm_pickle, read_edm_pickle
-from apctl.teachers.importers import (
-    adm_to_dhariwal_state_dict,
-    compute_fingerprint,
-    load_teacher,
-    save_teacher,
-)
+from apctl.teachers.apctl_format import save_teacher
+from apctl.teachers.bundle import compute_fingerprint
+from apctl.teachers.importers import load_teacher
+from apctl.teachers.openai_adm import adm_to_dhariwal_state_dict
 
 from edm_pickle_fixtures import (
     adm_forward,
@@ -182,10 +180,10 @@ def test_missing_weight_is_refused(nets, tmp_path, marker):
     assert contents.class_name == "EDMPrecond" and contents.init_kwargs == net.init_kwargs
     assert contents.init_args == () and list(contents.state_dict) == list(net.state_dict())
     del contents.state_dict["model.map_layer0.bias"]
-    from apctl.teachers.importers import _build_and_load
+    from apctl.teachers.rebuild import build_and_load
 
     with pytest.raises(ApctlError, match="1 missing .*model.map_layer0.bias") as exc:
-        _build_and_load("EDMPrecond", contents.init_kwargs, contents.state_dict, "test")
+        build_and_load("EDMPrecond", contents.init_kwargs, contents.state_dict, "test")
     one_line(exc)
     assert top["ema"].class_name == "EDMPrecond"
 
@@ -495,7 +493,7 @@ def test_two_time_student_of_the_imported_adm_teacher(adm_teacher):
 def test_noise_label_scale_adds_nothing_by_default(nets):
     """EDM pickles' kwargs stay as they were (the round trips above also check this, see `VARIANTS`)."""
     from apctl.networks import EDMPrecond
-    from apctl.teachers.importers import _positional_to_kwargs
+    from apctl.teachers.rebuild import positional_to_kwargs
 
     net = nets["tiny-adm-16"]
     kw = dict(net.init_kwargs)
@@ -517,7 +515,7 @@ def test_noise_label_scale_adds_nothing_by_default(nets):
     names = ["img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max", "sigma_data",
              "model_type"]
     rest = {k: v for k, v in kw.items() if k not in names}
-    assert _positional_to_kwargs("EDMPrecond", tuple(kw[n] for n in names), rest) == kw
+    assert positional_to_kwargs("EDMPrecond", tuple(kw[n] for n in names), rest) == kw
 
 
 def test_adm_layouts_apctl_cannot_express_are_refused(tmp_path):

@@ -58,7 +58,8 @@ def import_teacher(
     from rich.console import Console
     from rich.table import Table
 
-    from apctl.teachers.importers import load_teacher, save_teacher, teacher_paths
+    from apctl.teachers.apctl_format import save_teacher, teacher_paths
+    from apctl.teachers.importers import load_teacher
 
     if output.suffix not in (".safetensors", ""):
         raise ApctlError(f"--output must end in .safetensors, got {output}")

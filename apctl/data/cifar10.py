@@ -28,8 +28,8 @@ import numpy as np
 
 from apctl.data.images import (ImageData, data_search_dirs, describe_looked, describe_search_dirs,
                                resolve_data_path)
-from apctl.errors import ApctlError
-from apctl.safe_pickle import restricted_load
+from apctl.errors import ApctlError, UnreadablePickleError, UnsafePickleError
+from apctl.safe_pickle import numpy_array_allowlist, restricted_load
 
 TARBALL_NAME = "cifar-10-python.tar.gz"
 BATCH_DIR_NAME = "cifar-10-batches-py"
@@ -44,19 +44,9 @@ _MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 
 def _numpy_allowlist() -> dict[tuple[str, str], Any]:
-    try:  # numpy >= 2 (and 1.26, which ships the forward-compatible alias)
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # pragma: no cover - older numpy
-        from numpy.core.multiarray import _reconstruct
-    import _codecs
+    import _codecs  # Python 2 wrote some byte strings as _codecs.encode(text, 'latin1')
 
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _codecs.encode,
-    }
+    return {**numpy_array_allowlist(), ("_codecs", "encode"): _codecs.encode}
 
 
 def _batch_names(split: str) -> tuple[str, ...]:
@@ -183,11 +173,8 @@ def _parse_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     fix = f"replace it with the one from {TARBALL_NAME} (download from {DOWNLOAD_PAGE})"
     try:
         batch = restricted_load(raw, _numpy_allowlist(), what=f"CIFAR-10 batch {where}")
-    except ApctlError as exc:
-        message = str(exc)
-        if where not in message:  # safe_pickle's scan errors do not name the file
-            message = f"CIFAR-10 batch {where}: {message}"
-        raise ApctlError(f"{message}; {fix}") from None
+    except (UnsafePickleError, UnreadablePickleError) as exc:  # their messages name `where` already
+        raise type(exc)(f"{exc}; {fix}") from None
     if not isinstance(batch, dict):
         raise ApctlError(f"CIFAR-10 batch {where} holds a {type(batch).__name__}, not a dict; {fix}")
     try:

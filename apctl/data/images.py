@@ -18,9 +18,11 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from apctl.files import CACHE_ROOT, cache_dir, env_dirs
+
 Indices = Union[None, int, slice, Sequence[int], np.ndarray, torch.Tensor]
 
-DEFAULT_DATA_DIR = "~/.cache/apctl/data"
+DEFAULT_DATA_DIR = f"{CACHE_ROOT}/data"
 DATA_ENV_VAR = "APCTL_DATA"
 
 
@@ -70,35 +72,9 @@ class ImageData:
         return int(self.images.shape[0])
 
     @property
-    def num_images(self) -> int:
-        return len(self)
-
-    @property
-    def num_channels(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
-    def resolution(self) -> int:
-        """Side length H (loaders only produce square images; asserted here for safety)."""
-        _, _, h, w = self.images.shape
-        if h != w:
-            raise ValueError(f"images are {h}x{w}, not square")
-        return int(h)
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         _, c, h, w = self.images.shape
         return int(c), int(h), int(w)
-
-    @property
-    def conditional(self) -> bool:
-        return self.label_dim > 0
-
-    def describe(self) -> str:
-        """One line for logs: 'cifar10: 50000 images 3x32x32, 10 classes (from /path)'."""
-        c, h, w = self.image_shape
-        classes = f"{self.label_dim} classes" if self.label_dim else "unconditional"
-        return f"{self.name}: {len(self)} images {c}x{h}x{w}, {classes} (from {self.source})"
 
     # ---------------------------------------------------------------- batches
 
@@ -130,12 +106,6 @@ class ImageData:
         labels = torch.from_numpy(np.ascontiguousarray(self.labels[self._index(indices)]))
         return torch.nn.functional.one_hot(labels, num_classes=self.label_dim).to(torch.float32)
 
-    def sample_indices(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
-        """`batch_size` indices drawn uniformly with replacement, from `generator` only."""
-        if len(self) == 0:
-            raise ValueError("cannot sample from an empty dataset")
-        return torch.randint(0, len(self), (int(batch_size),), generator=generator, device="cpu")
-
     def sample_batch(self, generator: torch.Generator, batch_size: int, xflip: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A random batch: (images float32 (B, C, H, W) in [-1, 1], one-hot labels (B, label_dim) or None).
@@ -145,7 +115,9 @@ class ImageData:
         draw from the same generator. The result depends only on the generator state, and the
         indices are the same whether xflip is on or off (the flip draw comes after them).
         """
-        idx = self.sample_indices(generator, batch_size)
+        if len(self) == 0:
+            raise ValueError("cannot sample from an empty dataset")
+        idx = torch.randint(0, len(self), (int(batch_size),), generator=generator, device="cpu")
         batch = np.ascontiguousarray(self.images[idx.numpy()])
         if xflip:
             flip = (torch.rand(batch.shape[0], generator=generator, device="cpu") < 0.5).numpy()
@@ -169,16 +141,9 @@ def data_search_dirs() -> list[tuple[str, Path | None]]:
 
     `$APCTL_DATA` (may list several folders separated by os.pathsep), then ~/.cache/apctl/data.
     """
-    dirs: list[tuple[str, Path | None]] = []
-    env = os.environ.get(DATA_ENV_VAR, "")
-    parts = [p for p in env.split(os.pathsep) if p.strip()]
-    if parts:
-        for p in parts:
-            dirs.append((f"${DATA_ENV_VAR}", Path(p).expanduser()))
-    else:
-        dirs.append((f"${DATA_ENV_VAR}", None))
-    dirs.append((DEFAULT_DATA_DIR, Path(DEFAULT_DATA_DIR).expanduser()))
-    return dirs
+    label = f"${DATA_ENV_VAR}"
+    dirs: list[tuple[str, Path | None]] = [(label, d) for d in env_dirs(DATA_ENV_VAR)] or [(label, None)]
+    return dirs + [(DEFAULT_DATA_DIR, cache_dir("data"))]
 
 
 def describe_search_dirs() -> str:

@@ -4,9 +4,9 @@ Three preconditionings share one interface, `coefficients(t, s) -> (f, g)`:
 
 * CTM (Kim et al. 2024): the DDIM / Euler jump with D frozen, f = s/t, g = 1 − s/t.
 * CM (Song et al. 2023) written on the EDM denoiser, with the boundary placed at the landing time s
-  (math note §1.3; CM proper is the slice s = ε):
+  (docs/math.md, "Preconditionings"; CM proper is the slice s = ε):
   f = σ_d²/((t − s)² + σ_d²) − (1 − s/t)·c_skip(t),  g = 1 − s/t.
-* Analytic-Precond (Zheng et al. 2025), from the teacher statistics l_λ and s_λ (math note §2):
+* Analytic-Precond (Zheng et al. 2025), from the teacher statistics l_λ and s_λ (paper eqs. 12–14; docs/math.md, "Preconditionings"):
 
       A(t, s) = (s/t)·exp(∫_{λ_t}^{λ_s} l dλ)
       backward: B = ∫_{λ_t}^{λ_s} exp(−(λ_s − λ) + ∫_λ^{λ_s} (l − s) dr) dλ,
@@ -89,7 +89,7 @@ class CMPrecond:
 class AnalyticPrecond:
     """Analytic-Precond from tabulated teacher statistics (λ_k, l_k, s_k).
 
-    The statistics are interpolated by a natural cubic spline in λ (math note §2.6; linear is
+    The statistics are interpolated by a natural cubic spline in λ (docs/math.md, "Preconditionings"; linear is
     offered for comparison), and the cumulative integrals L = ∫l, S = ∫s are the spline's exact
     antiderivatives. The remaining integral B is composite Simpson on [λ_t, λ_s] with step ≤ `step`,
     its exponent max-shifted. Results are cached per (t, s) pair, so a training run on a fixed

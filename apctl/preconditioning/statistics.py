@@ -1,4 +1,4 @@
-"""Estimating Analytic-Precond's teacher statistics l_λ and s_λ (math note §3), and storing them.
+"""Analytic-Precond's teacher statistics l_λ and s_λ (docs/math.md, "Statistics"): estimate, save, load.
 
 For each of `n_points` noise levels σ_k, uniform in λ = −ln σ, with the same M pairs (x_0, ε) and
 Rademacher probes v at every level (common random numbers, so the curves are smooth in λ):
@@ -11,8 +11,9 @@ Rademacher probes v at every level (common random numbers, so the curves are smo
     s_k    = Σ⟨ġ, g⟩ / (Σ‖g‖² + δ),  δ = ridge·Σ‖x‖²        scalar least squares with a ridge
 
 With Rademacher probes ‖v‖² = d exactly, so the identity part c_skip(σ)·I of an EDM denoiser adds no
-Hutchinson variance: the "network-part trick" of the math note §3.2 is automatic here.
-The ridge defaults to 1e-14, not the math note's 1e-8: for data smooth at scale σ, ‖g‖² shrinks
+Hutchinson variance: the "network-part trick" is automatic here (docs/math.md, "Where this
+implementation departs from, or corrects, the note", item 3).
+The ridge defaults to 1e-14, not 1e-8 (same section, item 1): for data smooth at scale σ, ‖g‖² shrinks
 like σ⁴ (≈ 1e-11 per dimension at σ = 0.002), and a 1e-8 ridge then drags s from its true −2 to 0.
 Sums are accumulated in float64; l is clamped to [0, 1], the range the exact l always lies in.
 Because ġ needs l' (known only once the whole l curve is), each level stores the sums
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from apctl.errors import ApctlError
+from apctl.files import atomic_path
 from apctl.schedules import SIGMA_MAX, SIGMA_MIN
 
 FORMAT_VERSION = 1
@@ -71,17 +73,16 @@ class PrecondStatistics:
         return np.exp(-self.lam)
 
     def save(self, path: str | Path) -> None:
+        """Write lam, l, s and the metadata `load_statistics` reads to a safetensors file, atomically."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"lam": self.lam, "l": self.l, "s": self.s}, str(tmp), metadata={
-            "format": "apctl-precond-statistics", "format_version": str(FORMAT_VERSION),
-            "teacher_fingerprint": self.teacher_fingerprint,
-            "settings": json.dumps(self.settings, sort_keys=True), "extras": json.dumps(self.extras, sort_keys=True),
-        })
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({"lam": self.lam, "l": self.l, "s": self.s}, str(tmp), metadata={
+                "format": "apctl-precond-statistics", "format_version": str(FORMAT_VERSION),
+                "teacher_fingerprint": self.teacher_fingerprint,
+                "settings": json.dumps(self.settings, sort_keys=True),
+                "extras": json.dumps(self.extras, sort_keys=True),
+            })
 
 
 def load_statistics(path: str | Path) -> PrecondStatistics:

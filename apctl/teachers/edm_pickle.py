@@ -45,7 +45,6 @@ __all__ = [
     "PersistentObject",
     "ModuleContainer",
     "edm_allowlist",
-    "is_edm_pickle",
     "parse_edm_pickle",
     "read_edm_pickle",
     "PERSISTENCE_RECONSTRUCTOR",
@@ -260,16 +259,6 @@ def edm_allowlist(reconstructor: Callable | None = None) -> dict[tuple[str, str]
         ("__builtin__", "bytes"): _empty_bytes,
     }
     return allowed
-
-
-def is_edm_pickle(data: bytes) -> bool:
-    """True if `data` starts like a pickle and names the EDM persistence reconstructor."""
-    from apctl.safe_pickle import referenced_globals
-
-    try:
-        return PERSISTENCE_RECONSTRUCTOR in referenced_globals(data)
-    except ApctlError:
-        return False
 
 
 # --- walking the reconstructed objects ------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from apctl.checkpoints import list_checkpoints, load_checkpoint, restore_optimizer, save_checkpoint
 from apctl.config import Config, config_to_toml
 from apctl.errors import ApctlError
+from apctl.files import atomic_write
 from apctl.training import distributed
 from apctl.training.ema import frozen_copy
 from apctl.training.step import step_generator, train_step  # noqa: F401 (step_generator re-exported)
@@ -120,7 +121,7 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     data_source = build_data_source(cfg.data, teacher, data)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+        atomic_write(run_dir / "config.toml", config_to_toml(cfg))
         if latest is None:
             # A fresh run: logs of an earlier attempt that never reached a checkpoint are stale.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -175,7 +176,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines logged after the checkpoint being resumed (they will be logged again)."""
     if distributed.is_main() and path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        atomic_write(path, "".join(ln + "\n" for ln in lines))
 
 
 def save(run: Run, logs: dict | None = None) -> Path | None:
