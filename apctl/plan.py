@@ -20,6 +20,9 @@ def _student_parameters(cfg: Config, shape, label_dim: int) -> tuple[str, int | 
         return f"TwoTimeMLP {cfg.student.depth}×{cfg.student.hidden}", count_parameters(build_student(arch))
     with torch.device("meta"):
         net = build_student(arch)
+    if arch["kind"] == "denoiser":
+        name = f"EDMPrecond/{arch['init_kwargs']['model_type']} ({cfg.student.network}, resized to the data)"
+        return f"{name}: {count_parameters(net):,} parameters", count_parameters(net)
     teacher_part = count_parameters(net.net)
     name = f"TwoTimeDenoiser(EDMPrecond/{arch['init_kwargs']['model_type']}, {cfg.student.network})"
     return f"{name}: {teacher_part:,} teacher + {count_parameters(net) - teacher_part:,} s-embedding", count_parameters(net)
@@ -69,6 +72,8 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
             teacher = f"EDM network from {t.file or '(unset)'} (NOT FOUND — pass --teacher FILE or see $APCTL_TEACHERS)"
     elif t.kind == "empirical":
         teacher = f"exact empirical mixture over {d.kind} (bandwidth {t.bandwidth})"
+    elif t.kind == "none":
+        teacher = "none: this run trains one (EDM's loss); the EMA is written as RUN/teacher.safetensors"
     else:
         teacher = f"exact Gaussian mixture, {len(t.means)} components in {len(t.means[0])}-D"
     if d.kind == "teacher":
@@ -81,28 +86,37 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
     precond = {"analytic": f"Analytic-Precond ({p.form} form, {p.statistics.n_points} λ-points × "
                            f"{p.statistics.n_samples} samples)", "ctm": "CTM (s/t, 1 − s/t)",
                "cm": "CM (c_skip/c_out with ε)"}[p.kind]
-    return [
+    rows = [
         ("preset", str(preset_path)),
         ("output", str(out)),
         ("teacher", teacher),
         ("dataset", data),
         ("data shape", f"{tuple(shape)}, {label_dim or 'no'} classes"),
-        ("student", student),
-        ("objective", f"{o.kind.upper()}, distance {distance}"),
-        *([("CTM rules", f"teacher steps {c.teacher_steps_law} (≤ {c.max_teacher_steps}), DSM weight "
-                         f"{'adaptive' if c.dsm_weighting == 'adaptive' else c.dsm_weight}, DSM σ {c.dsm_sigma_law}"
-                         f"{f' ({c.dsm_uniform_fraction:g} uniform)' if c.dsm_sigma_law == 'halflognormal' else ''}, "
-                         f"target inner jump by the {'current θ (no grad)' if c.target_inner == 'student' else 'EMA θ⁻'}")]
-          if o.kind == "ctm" else []),
+        ("student" if o.kind != "edm" else "network", student),
         ("dropout", _dropout(cfg)),
-        ("preconditioning", precond),
-        ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"),
-        ("max teacher Heun steps", str(o.ctm.max_teacher_steps if o.kind == "ctm" else 1)),
-        ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras" else "Karras levels snapped to the grid"),
+    ]
+    if o.kind == "edm":
+        rows.append(("objective", f"EDM denoiser loss, ln σ ~ N({o.edm.p_mean:g}, {o.edm.p_std:g}²), "
+                                  "weight (σ² + σ_d²)/(σ·σ_d)²"))
+    else:
+        rows += [
+            ("objective", f"{o.kind.upper()}, distance {distance}"),
+            *([("CTM rules", f"teacher steps {c.teacher_steps_law} (≤ {c.max_teacher_steps}), DSM weight "
+                             f"{'adaptive' if c.dsm_weighting == 'adaptive' else c.dsm_weight}, DSM σ {c.dsm_sigma_law}"
+                             f"{f' ({c.dsm_uniform_fraction:g} uniform)' if c.dsm_sigma_law == 'halflognormal' else ''}, "
+                             f"target inner jump by the {'current θ (no grad)' if c.target_inner == 'student' else 'EMA θ⁻'}")]
+              if o.kind == "ctm" else []),
+            ("preconditioning", precond),
+            ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"),
+            ("max teacher Heun steps", str(o.ctm.max_teacher_steps if o.kind == "ctm" else 1)),
+            ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras" else "Karras levels snapped to the grid"),
+            ("target EMA μ", f"{o.target_ema:g}"),
+        ]
+    rows += [
         ("optimizer", f"{tr.optimizer}, lr {tr.lr:g}"),
-        ("target EMA μ", f"{o.target_ema:g}"),
         ("evaluation EMA", f"{tr.ema_decay:g}"),
         ("iterations", f"{tr.iterations:,}"),
         ("precision", tr.precision),
         ("batch", f"{tr.batch_size} global = {world} device(s) × {tr.batch_size // world} per device"),
     ]
+    return rows
