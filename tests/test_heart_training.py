@@ -17,7 +17,8 @@ from torch import nn
 
 from apctl.config import Config
 from apctl.training.ema import ema_update, frozen_copy
-from apctl.training.run import config_differences, step_generator
+from apctl.training.run import config_differences
+from apctl.training.step import shared_generator, step_generator
 
 F64 = torch.float64
 
@@ -111,6 +112,17 @@ def test_step_generators_are_different_independent_streams():
     assert float(off.abs().max()) <= bound, float(off.abs().max())
 
 
+def test_shared_generator_is_one_stream_per_step_for_every_rank():
+    """shared_generator(seed, step) takes no rank (so every rank draws the same shared values, e.g. CTM's k),
+    repeats for the same (seed, step), differs across steps and seeds, and differs from every rank's own
+    step_generator stream."""
+    draw = lambda g: torch.rand(64, generator=g, dtype=F64)                # noqa: E731
+    assert torch.equal(draw(shared_generator(3, 7)), draw(shared_generator(3, 7)))
+    streams = [draw(shared_generator(seed, step)) for seed in (0, 1) for step in (0, 1, 2)]
+    assert len({float(s[0]) for s in streams}) == len(streams)
+    assert all(not torch.equal(draw(shared_generator(3, 7)), draw(step_generator(3, rank, 7))) for rank in range(4))
+
+
 # --- which config changes a resume accepts --------------------------------------------------------
 
 # docs/user_guide.md: "Changing training.iterations (to extend a run), log_every, eval_every,
@@ -164,9 +176,9 @@ def test_config_differences_follow_the_user_guide():
 def test_config_differences_reports_added_and_removed_keys_in_order():
     """Keys present on one side only differ too; the report is sorted; resumable keys stay ignored."""
     base = Config().to_dict()
-    new = _with(_with(base, "training.lr", 1.0), "objective.dsm_weight", 0.0)
+    new = _with(_with(base, "training.lr", 1.0), "objective.target_ema", 0.5)
     new["training"]["extra_key"] = 1
     del new["run"]["threads"]
     new["training"]["iterations"] *= 2
-    assert config_differences(base, new) == ["objective.dsm_weight", "run.threads", "training.extra_key", "training.lr"]
+    assert config_differences(base, new) == ["objective.target_ema", "run.threads", "training.extra_key", "training.lr"]
     assert config_differences(base, base) == []
