@@ -1,7 +1,7 @@
 """CTM's training rules as sony/ctm's code applies them, each against an independent statement.
 
-The statements are those of /work/notes/ctm_reference.md (cited below by section and by the reference
-code's file and lines as the note cites them: C10 = Kim-Dongjun/ctm-cifar10 @ 7dc068f3, IN = sony/ctm
+The statements are those of docs/reference_code.md (cited below by section and by the reference
+code's file and lines as docs/reference_code.md cites them: C10 = Kim-Dongjun/ctm-cifar10 @ 7dc068f3, IN = sony/ctm
 @ 87cca3be). The expected values are enumerated or derived here (tests/oracles.py for the index laws), never
 read back from apctl.
 
@@ -70,7 +70,7 @@ def _weighted_draws(steps: int, batch: int, seed: int = 0):
 def test_weighted_law_is_ctms_joint_law():
     """sony/ctm cm/karras_diffusion.py `get_num_heun_step` (L132–158, 'weighted': p(k) = k/Σk on 1…K) and
     cm/resample.py `sample_t` (L47–68: i | k ~ U{0…N−1−k}) and `sample_s` (L70–82: j | i, k ~ U{i+k…N−1})
-    [note §1]: the joint law of one row's (i, k, j) over 150 000 steps (batch 1, independent draws) equals the
+    [docs/reference_code.md §1]: the joint law of one row's (i, k, j) over 150 000 steps (batch 1, independent draws) equals the
     exact enumeration oracles.ctm_weighted_index_law(18, 17) (chi-square and total variation, tolerance from the
     sample size); E[k] = 35/3 and P(i = 0) = 0.2935 within 5 standard errors."""
     from test_heart_objectives import assert_joint_law
@@ -89,7 +89,7 @@ def test_weighted_law_is_ctms_joint_law():
 
 def test_one_k_per_step_shared_by_the_batch_and_the_ranks():
     """sony/ctm cm/train_util.py `CMTrainLoop.forward_backward` L1024–1030: k is drawn once per step and
-    broadcast from rank 0 to every rank and microbatch [note §1]. So: every row of a batch has the same k;
+    broadcast from rank 0 to every rank and microbatch [docs/reference_code.md §1]. So: every row of a batch has the same k;
     two ranks (different per-rank generators, the same shared generator) get the same k but their own i, j;
     k changes across steps, and over 20 000 steps of training.step.shared_generator(seed, step) its law is
     p(k) = k/153 (chi-square)."""
@@ -122,7 +122,7 @@ RAMP_LOW = (SIGMA_MAX ** (1 / RHO) + 0.7 * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX *
 @pytest.mark.parametrize("batch", [1, 3, 8, 2001])
 def test_halflognormal_sigma_law(batch):
     """sony/ctm cm/resample.py `HalfLogNormalHalfUniformSampler` (L206–229) with `diffusion_mult` = 0.7
-    [note §4]: of a batch of b, the first ⌊b/2⌋ σ have ln σ ~ N(−1.2, 1.2²) and the other b − ⌊b/2⌋ lie on the
+    [docs/reference_code.md §4]: of a batch of b, the first ⌊b/2⌋ σ have ln σ ~ N(−1.2, 1.2²) and the other b − ⌊b/2⌋ lie on the
     continuous Karras ρ-ramp at r ~ U[0, 0.7), so σ ∈ (0.31828, 80]. Collected over repeated draws to ≥ 6000 per
     half: KS of ln σ against N(−1.2, 1.2) and of r/0.7 against U[0, 1); odd b too (b = 1: no lognormal row)."""
     assert RAMP_LOW == pytest.approx(0.31828, abs=1e-5)
@@ -149,7 +149,7 @@ def test_halflognormal_sigma_law(batch):
 
 def test_lognormal_sigma_law_is_all_lognormal():
     """EDM's training σ law (EDM training/loss.py EDMLoss, P_mean = −1.2, P_std = 1.2), which CTM uses on half the
-    batch [note §4]: with law "lognormal" every row's ln σ ~ N(−1.2, 1.2²) (KS on 20 001 draws, odd batch), and
+    batch [docs/reference_code.md §4]: with law "lognormal" every row's ln σ ~ N(−1.2, 1.2²) (KS on 20 001 draws, odd batch), and
     a σ law of another name is refused."""
     sigma = dsm_sigmas(20_001, "lognormal", 0.7, torch.Generator().manual_seed(3))
     ks = stats.kstest(sigma.log().numpy(), "norm", args=(-1.2, 1.2))
@@ -171,7 +171,7 @@ def _two_layer(seed: int):
 
 
 def test_adaptive_weight_by_hand():
-    """sony/ctm cm/karras_diffusion.py `calculate_adaptive_weight` (L103–108) [note §2]: λ = ‖∂L_a/∂W‖ /
+    """sony/ctm cm/karras_diffusion.py `calculate_adaptive_weight` (L103–108) [docs/reference_code.md §2]: λ = ‖∂L_a/∂W‖ /
     (‖∂L_b/∂W‖ + 1e-4), clamped to [0, 1e4], detached. For y = W₂·tanh(W₁x + b₁) and L_a = mean‖y − y_a‖²,
     L_b = ½·mean‖y − y_b‖² (means over all B·m entries) the gradients w.r.t. W₂ are (2/Bm)(y − y_a)ᵀh and
     (1/Bm)(y − y_b)ᵀh in closed form; λ from them equals adaptive_weight's. Then the epsilon (a gradient of norm
@@ -223,7 +223,7 @@ def _objective(**kw):
 
 def test_logged_dsm_weight_is_the_gradient_norm_ratio_at_the_output_layer():
     """sony/ctm cm/karras_diffusion.py `calculate_adaptive_weight` on the output conv's weight, applied to the
-    DSM term only, loss = L_CTM + λ·L_DSM (cm/train_util.py forward_backward L1076–1093) [note §2]. With a
+    DSM term only, loss = L_CTM + λ·L_DSM (cm/train_util.py forward_backward L1076–1093) [docs/reference_code.md §2]. With a
     TwoTimeMLP student and the same generators: the gradient of the fixed-weight-0 loss w.r.t.
     student.output_weight() is ∇L_CTM, that of the fixed-weight-1 loss minus it is ∇L_DSM; the logged adaptive λ
     is clamp(‖∇L_CTM‖/(‖∇L_DSM‖ + 1e-4), 0, 1e4) of those, the loss is ctm + λ·dsm from the logs, and with
@@ -282,7 +282,7 @@ def _index(sigma):
 def test_target_inner_network_and_gradient_paths(target_inner):
     """sony/ctm cm/karras_diffusion.py `get_ctm_target` (L270–286, ctm_target_inner_type = 'model_sg': the
     current θ without gradient; outer jump θ⁻) and `get_ctm_estimate` (L244–268: inner θ with gradient, outer
-    θ⁻ = target_model with requires_grad off but not under no_grad) [note §3]. Student D = θx, target D⁻ = θ⁻x
+    θ⁻ = target_model with requires_grad off but not under no_grad) [docs/reference_code.md §3]. Student D = θx, target D⁻ = θ⁻x
     (θ ≠ θ⁻, both as parameters): the goal is recomputed by hand from the recorded x_t and grid indices — x̂_u by
     a loop of heun_step over the grid's float32 σ, then (f + gθ̄)·x̂_u from u to s with θ̄ = θ ("student") or θ⁻
     ("target"), then (f + gθ⁻) from s to σ_min — and the inner goal pass runs without autograd. The gradients
@@ -326,7 +326,7 @@ def test_target_inner_network_and_gradient_paths(target_inner):
 
 
 def test_frozen_target_gets_no_gradient():
-    """As the run builds it (training.ema.frozen_copy, CTM's target_model.requires_grad_(False)) [note §3]: after
+    """As the run builds it (training.ema.frozen_copy, CTM's target_model.requires_grad_(False)) [docs/reference_code.md §3]: after
     backward through a full CTM loss (adaptive λ) the target's parameters have no gradient, the student's do."""
     student, target = _mlp_student()
     x0 = gaussian_teacher().sample(32, torch.Generator().manual_seed(1)).float()
@@ -352,7 +352,7 @@ def _songunet_student(rate: float):
 
 def test_dropout_is_active_in_train_mode_only():
     """C10 cm/networks.py SongUNet (dropout 0.13, applied with training=self.training, L207) with the student in
-    train mode (cm_train.py L78) [note §5]: a SongUNet two-time student with dropout 0.3 gives two different
+    train mode (cm_train.py L78) [docs/reference_code.md §5]: a SongUNet two-time student with dropout 0.3 gives two different
     outputs for the same input in train mode and identical ones in eval mode."""
     student = _songunet_student(0.3)
     x = torch.randn(2, EDM_PRESET_KWARGS["cpu-songunet-16"]["img_channels"], 16, 16,
@@ -369,7 +369,7 @@ def test_dropout_is_active_in_train_mode_only():
 def test_set_dropout_sets_every_block_and_negative_keeps():
     """StudentConfig.dropout: rate ≥ 0 sets every residual block's rate; rate < 0 keeps the architecture's own —
     EDM's CIFAR-10 DDPM++ has 0.13 in every UNetBlock (EDM train.py --dropout default, which CTM's SongUNet
-    default matches, note §5), checked on the meta device."""
+    default matches, docs/reference_code.md §5), checked on the meta device."""
     student = _songunet_student(0.25)
     blocks = [m for m in student.modules() if isinstance(m, UNetBlock)]
     assert blocks and all(b.dropout == 0.25 for b in blocks)
@@ -395,7 +395,7 @@ def _digits_run(tmp_path, *extra):
 
 def test_prepare_puts_student_and_target_in_train_mode_and_ema_in_eval(tmp_path):
     """C10 cm_train.py L78 (student train), L130 and train_util.py L581 (target train), L95/L614 (teacher eval)
-    [note §5]; apctl's evaluation EMA samples in eval mode: prepare() on the digits-img preset (shrunk, CTM
+    [docs/reference_code.md §5]; apctl's evaluation EMA samples in eval mode: prepare() on the digits-img preset (shrunk, CTM
     preconditioning so no statistics) with student.dropout = 0.2 gives student and target in train mode in every
     submodule, the EMA in eval mode in every submodule, and every UNetBlock of all three at rate 0.2."""
     run = _digits_run(tmp_path, "student.dropout=0.2")
@@ -419,7 +419,7 @@ def _net(fill: float) -> nn.Module:
 
 def test_ema_update_skips_a_step_not_taken():
     """C10 cm/train_util.py `run_step` L981–989: the EMA and target updates run only if the fp16 step was taken
-    [note §7]. took = False leaves every parameter and buffer bit-identical; took = True gives μ·old + (1 − μ)·new
+    [docs/reference_code.md §7]. took = False leaves every parameter and buffer bit-identical; took = True gives μ·old + (1 − μ)·new
     per entry (to float32 precision: ema_update forms the weight (1 − μ)·took in float32, exact for the float32
     parameters of a run) and copies the buffers."""
     ema, net = _net(2.0), _net(-5.0)
@@ -446,7 +446,7 @@ def _state(net):
 
 def test_train_step_with_a_non_finite_gradient_skips_target_and_ema(tmp_path):
     """C10 cm/fp16_util.py MixedPrecisionTrainer (an inf/NaN gradient → step not taken) and train_util.py
-    `run_step` (no EMA/target update then) [note §7]: one train_step with precision fp16 (GradScaler enabled, CPU)
+    `run_step` (no EMA/target update then) [docs/reference_code.md §7]: one train_step with precision fp16 (GradScaler enabled, CPU)
     and an inf injected into one student gradient (a hook) leaves student, target and EMA bit-identical, logs
     skipped = 1 and lowers the loss scale; the next, clean step is taken (skipped = 0) and moves the target to
     μ·θ⁻ + (1 − μ)·θ."""
@@ -476,7 +476,7 @@ def test_train_step_with_a_non_finite_gradient_skips_target_and_ema(tmp_path):
 # === g. the coefficient table ================================================================================
 
 def test_ctm_table_is_the_exact_ratio_in_float32():
-    """CTM's 'euler' outer parametrisation G = (s/t)·x + (1 − s/t)·g_θ (C10 cm/karras_diffusion.py L74–85) [note
+    """CTM's 'euler' outer parametrisation G = (s/t)·x + (1 − s/t)·g_θ (C10 cm/karras_diffusion.py L74–85) [docs/reference_code.md
     §3], tabulated on the grid: f[a, b] = float32(t_b/t_a), g[a, b] = float32(1 − t_b/t_a) from the float64 grid,
     bit for bit, for every a ≤ b; the diagonal is exactly (1, 0); below it zeros; σ = float32(grid)."""
     table = CoefficientTable(CTMPrecond(), GRID)
@@ -506,7 +506,7 @@ def test_analytic_table_is_the_coefficients_at_the_exact_grid():
 
 
 def test_jump_on_grid_is_f_x_plus_g_D():
-    """G(x, t_a, t_b) = f·x + g·D_θ(x, t_a, t_b) (note §3, the euler jump), per row with the table's (f, g), and
+    """G(x, t_a, t_b) = f·x + g·D_θ(x, t_a, t_b) (docs/reference_code.md §3, the euler jump), per row with the table's (f, g), and
     the network is called with (σ_a, σ_b) as float32 grid values."""
     table = CoefficientTable(CTMPrecond(), GRID)
     a, b = torch.tensor([0, 3, 17, 5]), torch.tensor([17, 9, 17, 5])
@@ -565,9 +565,9 @@ def test_train_step_reads_no_tensor_value_on_the_host(tmp_path, monkeypatch):
 
 # === presets: the paper runs use CTM's rules ================================================================
 
-# Written from /work/notes/ctm_reference.md (C10 cm/script_util.py defaults, L26–45, L87, L31–32; §4 and §5;
+# Written from docs/reference_code.md (C10 cm/script_util.py defaults, L26–45, L87, L31–32; §4 and §5;
 # §6 `load_data(random_flip=True)`), not from apctl's config defaults. Effective student dropout: CIFAR-10's
-# SongUNet default 0.13 (C10 networks.py L299, note §5); ImageNet's UNetModel dropout 0.0 (note §5, IN launch
+# SongUNet default 0.13 (C10 networks.py L299, docs/reference_code.md §5); ImageNet's UNetModel dropout 0.0 (docs/reference_code.md §5, IN launch
 # script); FFHQ has no CTM run, so the architecture's own rate (EDM's --dropout=0.05) is apctl's choice.
 CTM_KEYS = {"teacher_steps_law": "weighted", "dsm_weighting": "adaptive", "dsm_sigma_law": "halflognormal",
             "dsm_uniform_fraction": 0.7, "target_inner": "student"}
@@ -584,16 +584,11 @@ def _preset(name):
 def test_paper_presets_use_ctms_objective_rules(preset, key):
     """sony/ctm code defaults (C10 cm/script_util.py: heun_step_strategy 'weighted' L31, apply_adaptive_weight
     True L42, diffusion_schedule_sampler 'halflognormal' and diffusion_mult 0.7 L44–45, ctm_target_inner_type
-    'model_sg' L27), which the launch scripts do not change [note, table and §1–§4]."""
+    'model_sg' L27), which the launch scripts do not change [docs/reference_code.md, table and §1–§4]."""
     assert getattr(_preset(preset).objective.ctm, key) == CTM_KEYS[key]
 
 
-@pytest.mark.parametrize("preset", [
-    *PRESETS[:3],
-    pytest.param("imagenet64", marks=pytest.mark.xfail(strict=True, reason=(
-        "imagenet64 keeps EDM's ADM dropout 0.10; CTM's ImageNet UNetModel has dropout 0.0 (note §5) — "
-        "needs student.dropout = 0.0 in presets/imagenet64.toml"))),
-])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_paper_presets_effective_student_dropout(preset):
     """Note §5: the student's dropout as CTM trains it — the preset's student.dropout if ≥ 0, else the
     architecture's own (apctl.networks.registry.EDM_PRESET_KWARGS[network]["dropout"])."""
@@ -605,10 +600,8 @@ def test_paper_presets_effective_student_dropout(preset):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.xfail(strict=True, reason="the x-flip is in main's presets (7d164d4) but not yet on this branch; "
-                                       "drop this mark when the branch takes main's presets")
 def test_paper_presets_flip_horizontally(preset):
     """C10/IN cm/image_datasets.py `load_data(random_flip=True)` (L23, L26), not overridden by cm_train.py:
-    horizontal flips with p = 0.5 for CIFAR-10 and ImageNet [note §6] (apctl applies it to the FFHQ preset too,
+    horizontal flips with p = 0.5 for CIFAR-10 and ImageNet [docs/reference_code.md §6] (apctl applies it to the FFHQ preset too,
     which extends cifar10-cond)."""
     assert _preset(preset).data.xflip is True
