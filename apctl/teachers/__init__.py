@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from apctl.config import TeacherConfig
-from apctl.errors import ApctlError
+from apctl.errors import ApctlError, MissingFileError
+from apctl.files import search_dirs
 from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
 
 
@@ -48,14 +49,17 @@ TEACHER_DIR_ENV = "APCTL_TEACHERS"
 
 
 def teacher_search_dirs() -> list[Path]:
-    dirs = [Path(d) for d in os.environ.get(TEACHER_DIR_ENV, "").split(os.pathsep) if d]
-    return dirs + [Path.home() / ".cache" / "apctl" / "teachers"]
+    """Where a teacher file named without a path is looked for: $APCTL_TEACHERS, ~/.cache/apctl/teachers,
+    then the teachers shipped with apctl (the repository's teachers/ for a clone, <prefix>/share/apctl/teachers
+    for a wheel)."""
+    shipped = [Path(__file__).resolve().parent.parent.parent / "teachers", Path(sys.prefix) / "share" / "apctl" / "teachers"]
+    return search_dirs(TEACHER_DIR_ENV, "teachers") + shipped
 
 
 def find_teacher_file(name: str) -> Path:
-    """`name` as given, else by file name in $APCTL_TEACHERS and ~/.cache/apctl/teachers."""
+    """`name` as given, else by file name in `teacher_search_dirs()`."""
     if not name:
-        raise ApctlError("teacher.kind = 'network' needs a teacher file: pass --teacher FILE")
+        raise MissingFileError("teacher.kind = 'network' needs a teacher file: pass --teacher FILE")
     given = Path(name).expanduser()
     if given.is_file():
         return given
@@ -63,9 +67,9 @@ def find_teacher_file(name: str) -> Path:
         if (d / given.name).is_file():
             return d / given.name
     looked = ", ".join(str(p) for p in [given.absolute()] + [d / given.name for d in teacher_search_dirs()])
-    raise ApctlError(f"teacher file {given.name} not found (looked in {looked}); download it once (see "
-                     f"docs/user_guide.md, 'Bringing real teachers and data') and pass --teacher PATH "
-                     f"or put it in ${TEACHER_DIR_ENV}")
+    raise MissingFileError(f"teacher file {given.name} not found (looked in {looked}); download it once (see "
+                           f"docs/user_guide.md, 'Bringing real teachers and data') and pass --teacher PATH "
+                           f"or put it in ${TEACHER_DIR_ENV}")
 
 
 def build_teacher(t: TeacherConfig, data=None) -> Teacher | None:
