@@ -89,6 +89,12 @@ class GaussianMixtureTeacher:
         return self._by_class(GaussianMixtureTeacher._denoise, x, sigma, labels)
 
     def fingerprint(self) -> str:
+        """A hash of the mixture, computed once (before any move: no device read afterwards)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         h = hashlib.sha256()
         for tensor in (self.means, self.variances, self.log_weights):
             h.update(tensor.cpu().numpy().tobytes())
@@ -103,6 +109,7 @@ class GaussianMixtureTeacher:
 
     def to(self, device) -> "GaussianMixtureTeacher":
         """Move every tensor (and the per-class sub-mixtures) to `device`; returns self."""
+        self.fingerprint()
         for name in ("means", "variances", "c2", "_sq_means", "log_weights", "classes"):
             value = getattr(self, name)
             if value is not None:
