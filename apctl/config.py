@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any, ClassVar, Optional
 from apctl.errors import ApctlError
 
 PRESET_DIR_ENV = "APCTL_PRESETS"
+# run.device and the commands' --device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 def _choice(*options: str) -> dict:
@@ -35,7 +38,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 class RunConfig:
     name: str = "run"
     seed: int = 0
-    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    device: str = "auto"      # auto | cpu | cuda | cuda:N (checked in `validate`)
     threads: int = field(default=0, metadata=_range(0))   # CPU threads for torch; 0 keeps torch's default
 
 
@@ -444,6 +447,8 @@ def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
 
 def validate(cfg: Config, source: str) -> None:
     """Cross-field rules that a single key's type and range cannot express."""
+    if not DEVICE_PATTERN.fullmatch(cfg.run.device):
+        raise ConfigError(source, "run.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.run.device!r}")
     t = cfg.teacher
     if t.kind == "gmm":
         if not t.means:

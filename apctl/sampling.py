@@ -105,7 +105,9 @@ def check_sigmas(sigmas: Sequence[float]) -> list[float]:
 @torch.no_grad()
 def student_sample(net, precond, z: torch.Tensor, sigmas: Sequence[float], labels: torch.Tensor | None = None,
                    gamma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """CTM γ-sampling from unit noise z (B, *shape) along `sigmas` (see module docstring)."""
+    """CTM γ-sampling from unit noise z (B, *shape) along `sigmas` (see module docstring), on z's device
+    (the student's). The times are host values: they stay on the CPU for the coefficients and reach
+    the network on the device; re-noising is drawn from `generator` (CPU) and moved there."""
     if not 0.0 <= gamma <= 1.0:
         raise ApctlError(f"gamma must lie in [0, 1], got {gamma}")
     sigmas = check_sigmas(sigmas)
@@ -114,8 +116,8 @@ def student_sample(net, precond, z: torch.Tensor, sigmas: Sequence[float], label
     B = z.shape[0]
     for now, nxt in zip(sigmas[:-1], sigmas[1:]):
         s = math.sqrt(1.0 - gamma ** 2) * (nxt - sigma_min) + sigma_min
-        t_b = torch.full((B,), now, dtype=z.dtype, device=z.device)
-        s_b = torch.full((B,), s, dtype=z.dtype, device=z.device)
+        t_b = torch.full((B,), now, dtype=z.dtype)
+        s_b = torch.full((B,), s, dtype=z.dtype)
         x = jump(precond, net, x, t_b, s_b, labels)
         renoise = math.sqrt(max(nxt ** 2 - s ** 2, 0.0))
         if renoise > 0:
@@ -128,7 +130,9 @@ def teacher_sample(teacher, z: torch.Tensor, steps: int, labels: torch.Tensor | 
                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, progress=None) -> torch.Tensor:
     """The teacher's deterministic Heun sampler over a Karras schedule of `steps` steps, σ_max → σ_min
     (2·steps − 1 network evaluations; EDM's final step to σ = 0 is left out so that the result is
-    comparable with a student's landing at σ_min)."""
+    comparable with a student's landing at σ_min). Runs on the teacher's device; the result comes
+    back on z's device, in z's dtype."""
     sigmas = karras_sigmas(steps + 1, sigma_min, sigma_max)
-    x = (z * sigma_max).to(teacher.dtype)
-    return heun_solve(teacher, x, sigmas.tolist(), labels, progress=progress).to(z.dtype)
+    x = (z * sigma_max).to(device=teacher.device, dtype=teacher.dtype)
+    labels = None if labels is None else labels.to(teacher.device)
+    return heun_solve(teacher, x, sigmas.tolist(), labels, progress=progress).to(device=z.device, dtype=z.dtype)

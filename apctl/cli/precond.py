@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DataOpt, PresetOpt, SetOpt, TeacherOpt, resolve_config
+from apctl.cli.options import DataOpt, DeviceOpt, PresetOpt, SetOpt, TeacherOpt, resolve_config
 from apctl.errors import ApctlError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,6 +30,7 @@ def compute(
     teacher: Optional[Path] = TeacherOpt,
     data: Optional[Path] = DataOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    device: str = DeviceOpt,
 ) -> None:
     """Estimate l_σ and s_σ from a teacher and save them.
 
@@ -44,9 +45,11 @@ def compute(
     from apctl.data.sources import build_data_source, load_training_data
     from apctl.preconditioning.build import compute_statistics
     from apctl.teachers import build_teacher
+    from apctl.training.run import resolve_device
 
+    dev = resolve_device(device, "--device")
     data_set = load_training_data(cfg.data)
-    t = build_teacher(cfg.teacher, data_set)
+    t = build_teacher(cfg.teacher, data_set).to(dev)
     stats = compute_statistics(cfg.precond.statistics, t, build_data_source(cfg.data, t, data_set),
                                ProgressCallback("l_σ, s_σ"))
     stats.save(output)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from apctl.cli.options import DeviceOpt
 from apctl.errors import ApctlError
 
 
@@ -28,6 +29,7 @@ def sample(
     label: Optional[int] = typer.Option(None, "--label", help="Class for all samples (class-conditional students; default: cycle over classes)."),
     weights: str = typer.Option("ema", "--weights", help="Which weights: ema, student or target."),
     teacher_steps: int = typer.Option(0, "--teacher-steps", help="Sample the teacher's Heun ODE with this many steps instead (reference)."),
+    device: str = DeviceOpt,
 ) -> None:
     """Draw few-step samples from a student (or the teacher's Heun ODE).
 
@@ -47,9 +49,11 @@ def sample(
     from apctl.cli.ui import ProgressCallback, console
     from apctl.plots import plot_samples
     from apctl.sampling import check_sigmas, default_sigmas, student_sample, teacher_sample
+    from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
-    trained = load_trained_student(ckpt, weights)
+    dev = resolve_device(device, "--device")
+    trained = load_trained_student(ckpt, weights, dev)
     sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid, trained.cfg.eval.sigmas)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((count, *trained.shape), generator=gen)
@@ -62,11 +66,12 @@ def sample(
     elif label is not None:
         raise ApctlError("--label given, but this student is unconditional")
     if teacher_steps:
-        teacher = trained.teacher()
+        teacher = trained.teacher().to(dev)
         x = teacher_sample(teacher, z, teacher_steps, labels, progress=ProgressCallback("teacher Heun"))
         what = f"teacher Heun, {teacher_steps} steps ({2 * teacher_steps - 1} NFE)"
     else:
-        x = student_sample(trained.net, trained.precond, z, sigma_list, labels, gamma=gamma, generator=gen)
+        x = student_sample(trained.net, trained.precond, z.to(dev), sigma_list,
+                           None if labels is None else labels.to(dev), gamma=gamma, generator=gen).cpu()
         what = f"student, {len(sigma_list) - 1} NFE, σ = {', '.join(f'{s:g}' for s in sigma_list)}, γ = {gamma:g}"
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": x.numpy(), "sigmas": np.asarray(sigma_list)}

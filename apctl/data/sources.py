@@ -21,8 +21,9 @@ class TeacherSamples:
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.label_dim:
             return self.teacher.sample(batch_size, generator).float(), None
-        k = torch.multinomial(self.teacher.log_weights.exp(), batch_size, replacement=True, generator=generator)
-        classes = self.teacher.classes[k]
+        # Draws on the CPU generator from host copies (the teacher may live on a GPU).
+        k = torch.multinomial(self.teacher.log_weights.cpu().exp(), batch_size, replacement=True, generator=generator)
+        classes = self.teacher.classes.cpu()[k]
         x0 = self.teacher.sample(batch_size, generator, labels=classes).float()
         return x0, torch.nn.functional.one_hot(classes, self.label_dim).float()
 

@@ -35,6 +35,8 @@ class AlignmentProbe:
     """Fixed noise z (and labels), the teacher's accurate ODE solution for it, and the metrics of a student.
 
     The teacher's solution is computed once, so a probe can be evaluated cheaply during training.
+    z and the labels are drawn on the CPU (a CPU generator: the same probe on every device) and kept
+    there; the reference is solved on the teacher's device and kept as a CPU copy for the metrics.
     """
 
     def __init__(self, teacher, shape, n: int, seed: int, teacher_steps: int, label_dim: int = 0, progress=None):
@@ -44,7 +46,10 @@ class AlignmentProbe:
         if label_dim:
             classes = torch.randint(0, label_dim, (n,), generator=gen)
             self.labels = torch.nn.functional.one_hot(classes, label_dim).float()
-        self.reference = teacher_sample(teacher, self.z, teacher_steps, self.labels, progress=progress).float()
+        labels = None if self.labels is None else self.labels.to(teacher.device)
+        reference = teacher_sample(teacher, self.z.to(teacher.device), teacher_steps, labels, progress=progress)
+        self.reference = reference.float().cpu()
 
     def measure(self, samples: torch.Tensor) -> dict[str, float]:
+        samples = samples.cpu()
         return {"alignment_rms": rms(samples, self.reference), "sliced_w2": sliced_wasserstein(samples, self.reference)}

@@ -18,7 +18,10 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
 
     With `fid_reference` ("teacher": the probe's teacher-ODE samples; or an EDM-style .npz of
     Inception statistics), image students also get the FID of their samples against it.
+    The student samples on its own device (the probe's CPU noise and labels are moved there, batch by
+    batch); the samples come back to the CPU for the metrics.
     """
+    device = next(net.parameters()).device
     if fid_reference is not None:
         from apctl.metrics.fid import compute_reference_stats
 
@@ -32,9 +35,9 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
         gen = torch.Generator().manual_seed(0)
         chunks = []
         for start in range(0, probe.z.shape[0], batch_size):
-            z = probe.z[start:start + batch_size]
-            y = None if probe.labels is None else probe.labels[start:start + batch_size]
-            chunks.append(student_sample(net, precond, z, sigmas, y, gamma=gamma, generator=gen))
+            z = probe.z[start:start + batch_size].to(device)
+            y = None if probe.labels is None else probe.labels[start:start + batch_size].to(device)
+            chunks.append(student_sample(net, precond, z, sigmas, y, gamma=gamma, generator=gen).cpu())
         samples = torch.cat(chunks)
         out[f"nfe={nfe}"] = probe.measure(samples) | {"sigmas": sigmas}
         if fid_reference is not None:

@@ -33,10 +33,11 @@ def statistics_settings(cfg: StatisticsConfig) -> StatisticsSettings:
 
 
 def statistics_samples(cfg: StatisticsConfig, teacher, data_source, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The M fixed (common-random-number) data points x_0 the statistics are estimated on."""
+    """The M fixed (common-random-number) data points x_0 the statistics are estimated on, drawn
+    from a CPU generator, in the teacher's dtype and on its device (where the estimate runs)."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     x0, labels = data_source.sample(n, gen)
-    return x0.to(teacher.dtype), labels
+    return x0.to(device=teacher.device, dtype=teacher.dtype), None if labels is None else labels.to(teacher.device)
 
 
 def compute_statistics(cfg: StatisticsConfig, teacher, data_source,

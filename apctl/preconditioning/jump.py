@@ -14,7 +14,10 @@ def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def jump(precond: Preconditioning, net: nn.Module, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
          labels: torch.Tensor | None = None) -> torch.Tensor:
-    """G(x, t, s) for per-sample t ≥ s of shape (B,); f and g come from `precond` in float64, then cast."""
+    """G(x, t, s) for per-sample t ≥ s of shape (B,); f and g come from `precond` in float64 on the CPU,
+    then are cast and moved to x's device. t and s may live on the CPU (then no device value is read
+    on the host) or on x's device; the network sees them, and the labels, on x's device."""
     f, g = precond.coefficients(t.detach().cpu(), s.detach().cpu())
-    D = net(x, t, s, labels)
+    labels = None if labels is None else labels.to(x.device)
+    D = net(x, t.to(x.device), s.to(x.device), labels)
     return _per_sample(f, x) * x + _per_sample(g, x) * D

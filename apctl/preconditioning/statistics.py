@@ -120,7 +120,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _total_derivative(denoise: Denoise, x, lam_k: float, u, labels, settings: StatisticsSettings):
     """dD/dλ at (x, λ_k) along the tangent (u, 1): a JVP, or central differences of step δ."""
     if settings.derivative == "jvp":
-        lam = torch.full((x.shape[0],), lam_k, dtype=torch.float64)
+        lam = torch.full((x.shape[0],), lam_k, dtype=torch.float64, device=x.device)
 
         def along(x_, lam_):
             return denoise(x_, torch.exp(-lam_).to(x_.dtype), labels)
@@ -128,8 +128,13 @@ def _total_derivative(denoise: Denoise, x, lam_k: float, u, labels, settings: St
         _, dD = torch.func.jvp(along, (x, lam), (u.to(x.dtype), torch.ones_like(lam)))
         return dD
     delta = settings.fd_step
-    sig = lambda e: torch.full((x.shape[0],), math.exp(-(lam_k + e)), dtype=x.dtype)  # noqa: E731
+    sig = lambda e: torch.full((x.shape[0],), math.exp(-(lam_k + e)), dtype=x.dtype, device=x.device)  # noqa: E731
     return (denoise(x + delta * u, sig(delta), labels) - denoise(x - delta * u, sig(-delta), labels)) / (2 * delta)
+
+
+def to_host(sums: torch.Tensor) -> np.ndarray:
+    """The one device → host read of an estimate: its per-level float64 sums, at the end."""
+    return sums.cpu().numpy()
 
 
 @torch.no_grad()
@@ -139,47 +144,51 @@ def estimate_statistics(denoise: Denoise, x0: torch.Tensor, labels: torch.Tensor
     """l_λ and s_λ of a teacher `denoise(x, σ, labels)` on clean samples x0 (M, *shape), as documented above.
 
     `x0` (and `labels`) are the M data points used at every level; their dtype is the dtype the
-    teacher is evaluated in. `progress(done, total)` is called after each noise level.
+    teacher is evaluated in and their device the device it runs on (the teacher's). The noise and
+    probes are drawn on the CPU (a CPU generator: the same numbers on every device) and moved there;
+    JVPs run there in batches of `batch_size`, and the per-level sums are accumulated there in
+    float64 and read once, at the end. `progress(done, total)` is called after each noise level.
     """
     if settings.derivative not in ("jvp", "fd"):
         raise ApctlError(f"precond.derivative must be 'jvp' or 'fd', got {settings.derivative!r}")
     M = x0.shape[0]
     d = x0[0].numel()
+    device = x0.device
     gen = torch.Generator().manual_seed(settings.seed)
-    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(x0.dtype)
-    probes = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(x0.dtype)
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=x0.dtype)
+    probes = (torch.randint(0, 2, x0.shape, generator=gen) * 2 - 1).to(device=device, dtype=x0.dtype)
+    labels = None if labels is None else labels.to(device)
     lam = np.linspace(-math.log(settings.sigma_max), -math.log(settings.sigma_min), settings.n_points)
-    l = np.zeros_like(lam)
-    P, Q, R, X = (np.zeros_like(lam) for _ in range(4))
+    # Per level: l (clamped Hutchinson mean) and the sums P, Q, R, X of the module docstring.
+    sums = torch.zeros(len(lam), 5, dtype=torch.float64, device=device)
     batches = [slice(i, min(i + settings.batch_size, M)) for i in range(0, M, settings.batch_size)]
 
     for k, lam_k in enumerate(lam):
         sigma = math.exp(-lam_k)
-        hutchinson = 0.0
+        hutchinson = torch.zeros((), dtype=torch.float64, device=device)
         denoised = []
         for b in batches:
             x = x0[b] + sigma * eps[b]
-            sig = torch.full((x.shape[0],), sigma, dtype=x.dtype)
+            sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=device)
             y = None if labels is None else labels[b]
             D, Jv = torch.func.jvp(lambda x_: denoise(x_, sig, y), (x,), (probes[b],))
-            hutchinson += float(_dot(probes[b], Jv).sum())
+            hutchinson += _dot(probes[b], Jv).sum()
             denoised.append(D)
-        l[k] = min(max(hutchinson / (M * d), 0.0), 1.0)
+        l_k = (hutchinson / (M * d)).clamp(0.0, 1.0)
+        sums[k, 0] = l_k
         for b, D in zip(batches, denoised):
             x = x0[b] + sigma * eps[b]
             y = None if labels is None else labels[b]
             u = D - x
             dD = _total_derivative(denoise, x, lam_k, u, y, settings)
-            g = D.double() - l[k] * x.double()
-            a = dD.double() - l[k] * u.double()
-            P[k] += float(_dot(a, g).sum())
-            Q[k] += float(_dot(x, g).sum())
-            R[k] += float(_dot(g, g).sum())
-            X[k] += float(_dot(x, x).sum())
+            g = D.double() - l_k * x.double()
+            a = dD.double() - l_k * u.double()
+            sums[k, 1:] += torch.stack([_dot(a, g).sum(), _dot(x, g).sum(), _dot(g, g).sum(), _dot(x, x).sum()])
         if progress is not None:
             progress(k + 1, len(lam))
 
+    l, P, Q, R, X = to_host(sums).T
     l_prime = np.gradient(l, lam, edge_order=2)
     s = (P - l_prime * Q) / (R + settings.ridge * X)
-    return PrecondStatistics(lam, l, s, fingerprint, settings.key(),
+    return PrecondStatistics(lam, l.copy(), s, fingerprint, settings.key(),
                              extras={"l_prime": l_prime.tolist()})

@@ -64,6 +64,9 @@ class GaussianMixtureTeacher:
         self._sq_means = (self.means ** 2).sum(1)
         self.log_weights = (weights / weights.sum()).log()
         self.classes = None if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
+        # Host copies for `sample`, whose draws are made on the CPU (CPU generators) wherever the teacher lives.
+        self._host_log_weights = self.log_weights
+        self._host_classes = self.classes
         self.label_dim = 0 if self.classes is None else int(self.classes.max()) + 1
         self.shape = tuple(shape) if shape is not None else (d,)
         if math.prod(self.shape) != d:
@@ -86,6 +89,12 @@ class GaussianMixtureTeacher:
         return self._by_class(GaussianMixtureTeacher._denoise, x, sigma, labels)
 
     def fingerprint(self) -> str:
+        """A hash of the mixture, computed once (before any move: no device read afterwards)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._hash()
+        return self._fingerprint
+
+    def _hash(self) -> str:
         h = hashlib.sha256()
         for tensor in (self.means, self.variances, self.log_weights):
             h.update(tensor.cpu().numpy().tobytes())
@@ -100,6 +109,7 @@ class GaussianMixtureTeacher:
 
     def to(self, device) -> "GaussianMixtureTeacher":
         """Move every tensor (and the per-class sub-mixtures) to `device`; returns self."""
+        self.fingerprint()
         for name in ("means", "variances", "c2", "_sq_means", "log_weights", "classes"):
             value = getattr(self, name)
             if value is not None:
@@ -137,7 +147,7 @@ class GaussianMixtureTeacher:
         if labels is None or self.classes is None:
             return fn(self, x, sigma, *extra)
         classes = self.class_indices(labels)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
         outputs, order = [], []
         for c in torch.unique(classes).tolist():
             rows = (classes == c).nonzero().squeeze(1)
@@ -153,19 +163,24 @@ class GaussianMixtureTeacher:
         return self._posterior(flat, t).D.reshape(x.shape).to(x.dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact samples x_0, shape (n, *shape); with integer `labels` (n,), drawn from those classes."""
-        logits = self.log_weights.expand(n, -1).clone()
+        """Exact samples x_0, shape (n, *shape), on the teacher's device; with integer `labels` (n,),
+        drawn from those classes.
+
+        The draws come from `generator` (a CPU generator) on the CPU, from the host copies of the
+        weights and classes, and only then move to the device: no device value is read on the host.
+        """
+        logits = self._host_log_weights.expand(n, -1).clone()
         if labels is not None:
-            member = self.class_indices(labels)[:, None] == self.classes[None, :]
+            member = self.class_indices(labels.cpu())[:, None] == self._host_classes[None, :]
             logits = logits.masked_fill(~member, -math.inf)
-        k = torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
-        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        k = torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1).to(self.device)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64).to(self.device)
         return (self.means[k] + self.variances[k].sqrt() * noise).reshape(n, *self.shape)
 
     # --- internals --------------------------------------------------------------------------------
     def _flatten(self, x, sigma):
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        t = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        t = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
         return flat, t
 
     def _groups(self, t):
@@ -194,7 +209,7 @@ class GaussianMixtureTeacher:
     def _posterior(self, x, t) -> _Posterior:
         if self.isotropic:
             return self._posterior_iso(x, t)
-        r = torch.empty(x.shape[0], self.means.shape[0], dtype=torch.float64)
+        r = torch.empty(x.shape[0], self.means.shape[0], dtype=torch.float64, device=x.device)
         D = torch.empty_like(x)
         for value, rows in self._groups(t):
             xs = x[rows]

@@ -21,7 +21,11 @@ class NetworkTeacher:
         self.dim = self.shape[0] * self.shape[1] * self.shape[2]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.network(x.float(), sigma.float(), labels)
+        # σ may be a Python number or a tensor anywhere; it and the labels are taken to x's device.
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if labels is not None:
+            labels = labels.to(x.device)
+        return self.network(x.float(), sigma, labels)
 
     def fingerprint(self) -> str:
         return self._fingerprint

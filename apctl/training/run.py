@@ -71,11 +71,21 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ApctlError("run.device = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+def resolve_device(name: str, what: str = "run.device") -> torch.device:
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N' as a torch.device; `what` names
+    the setting in errors (e.g. '--device')."""
+    from apctl.config import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise ApctlError(f"{what} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ApctlError(f"{what} = {name!r} but no CUDA device is available (use 'auto' or 'cpu')")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ApctlError(f"{what} = {name!r} but only {torch.cuda.device_count()} CUDA device(s) are available")
     return torch.device(name)
 
 

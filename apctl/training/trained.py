@@ -38,8 +38,9 @@ class TrainedStudent:
         return teacher
 
 
-def load_trained_student(path: str | Path, weights: str = "ema") -> TrainedStudent:
-    """`weights` ∈ {'ema' (evaluation EMA, default), 'student' (raw), 'target' (θ⁻)}."""
+def load_trained_student(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu") -> TrainedStudent:
+    """`weights` ∈ {'ema' (evaluation EMA, default), 'student' (raw), 'target' (θ⁻)}; the network is put
+    on `device` (the preconditioning computes its coefficients on the CPU wherever the network is)."""
     from apctl.networks.student import build_student, student_data_shape
 
     ckpt = load_checkpoint(path)
@@ -53,7 +54,7 @@ def load_trained_student(path: str | Path, weights: str = "ema") -> TrainedStude
         net.load_state_dict(state)
     except RuntimeError as exc:
         raise ApctlError(f"{ckpt.path}: weights do not fit the saved architecture ({str(exc).splitlines()[0]})") from None
-    net.eval().requires_grad_(False)
+    net.eval().requires_grad_(False).to(device)
     precond = preconditioning_from_state(cfg.precond, ckpt.group("precond"))
     shape, label_dim = student_data_shape(arch)
     return TrainedStudent(cfg, ckpt, net, precond, karras_sigmas(cfg.objective.grid_points), shape, label_dim)
