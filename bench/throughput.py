@@ -1,8 +1,10 @@
 """Training-step throughput: what Analytic-Precond costs per step, against CTM's closed-form coefficients.
 
-Both runs use the same preset, seed and batch; only `precond.kind` differs. Analytic-Precond's
-coefficients are integrated once per (t, s) pair and cached, so after the first steps the
-difference should be the cost of one table lookup per jump. Also measured: the exact
+Both runs use the same preset, seed and batch; only `precond.kind` differs. Both variants look
+their (f, g) up in the same on-device table of grid pairs (computed once at start-up), so the step
+costs should be equal; the two variants run one after the other (for an interleaved, per-pass
+measurement see bench/step_cost.py). Timed per step: the objective (one k per step from the step's
+shared generator, as in training), backward and the optimizer step. Also measured: the exact
 class-conditional teacher's denoiser per class (K/C components per sample) against the same
 mixture evaluated over all components (its reference).
 
@@ -20,6 +22,7 @@ import torch
 def steps_per_second(preset: str, kind: str, steps: int, warmup: int) -> float:
     from apctl.config import load_config
     from apctl.training.run import prepare
+    from apctl.training.step import shared_generator
 
     cfg, _ = load_config(preset, [f'precond.kind="{kind}"', "precond.statistics.n_samples=512",
                                   "training.eval_every=0", "run.threads=1"])
@@ -32,7 +35,7 @@ def steps_per_second(preset: str, kind: str, steps: int, warmup: int) -> float:
             if i == warmup:
                 start = time.perf_counter()
             x0, labels = run.data_source.sample(cfg.training.batch_size, gen)
-            loss, _ = run.objective(run.student, run.target, x0, labels, gen)
+            loss, _ = run.objective(run.student, run.target, x0, labels, gen, shared_generator(cfg.run.seed, i))
             run.optimizer.zero_grad()
             loss.backward()
             run.optimizer.step()
