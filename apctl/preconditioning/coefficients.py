@@ -198,9 +198,22 @@ class AnalyticPrecond:
         peak = exponent.max()
         weights = np.ones(n + 1)
         weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
-        B = math.exp(peak) * float(weights @ np.exp(exponent - peak)) * (h / n) / 3.0
-        A = math.exp(-h + L_s - float(self._L(lam_t)))
+        log_B = float(peak) + math.log(float(weights @ np.exp(exponent - peak)) * (h / n) / 3.0)
+        log_A = -h + L_s - float(self._L(lam_t))
         if self.form == "backward":
-            denominator = 1.0 + float(self._l(lam_s)) * B
-            return A / denominator, B / denominator
-        return A - float(self._l(lam_t)) * B, B
+            # f = A/(1 + l_s·B), g = B/(1 + l_s·B) in log space: B can exceed float range when the
+            # statistics are extreme (e.g. an untrained teacher), while f and g stay bounded.
+            l_s = float(self._l(lam_s))
+            log_den = float(np.logaddexp(0.0, math.log(l_s) + log_B)) if l_s > 0 else 0.0
+            f, g = math.exp(log_A - log_den), _exp_or_raise(log_B - log_den, t, s)
+            return f, g
+        B = _exp_or_raise(log_B, t, s)
+        return math.exp(log_A) - float(self._l(lam_t)) * B, B
+
+
+def _exp_or_raise(value: float, t: float, s: float) -> float:
+    if value > 700:
+        raise ApctlError(f"Analytic-Precond coefficient g({t:g}, {s:g}) overflows (ln g = {value:.0f}): the teacher "
+                         "statistics are extreme (is the teacher trained?); use precond.form = 'backward' or "
+                         "precond.kind = 'ctm'")
+    return math.exp(value)

@@ -1,6 +1,7 @@
 """One training step, the same function for the loop and for `bench/`.
 
-    x_0, labels  ← data source, from the step's generator (seed, rank, step)
+    x_0, labels  ← data source, from the step's generator (seed, rank, step); torch's global generators
+                   (dropout) are seeded from (seed, rank, step) too
     loss, logs   ← objective(model, θ⁻, x_0, labels, generator, shared generator (seed, step))
     θ            ← optimizer step on the (scaled, then unscaled) gradient
     θ⁻, θ_ema    ← μ·θ⁻ + (1 − μ)·θ,  EMA likewise — only where the step was taken
@@ -28,6 +29,13 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
+def seed_global_rng(seed: int, rank: int, step: int) -> None:
+    """Seed torch's global generators (CPU and every GPU) for step `step`: dropout draws from them, so
+    seeding per step keeps a resumed run bit-identical to an uninterrupted one in train mode too."""
+    entropy = np.random.SeedSequence([seed, rank, step, 1]).generate_state(2, dtype=np.uint32)
+    torch.manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
 def shared_generator(seed: int, step: int) -> torch.Generator:
     """The generator of draws every rank must agree on in step `step` (e.g. CTM's one k per step)."""
     entropy = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
@@ -43,6 +51,7 @@ def autocast(precision: str, device: torch.device):
 def train_step(run, step: int, model: torch.nn.Module, rank: int = 0, per_rank: int | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step of `run` at `step` (`model` is the student, DDP-wrapped under torchrun)."""
     cfg, tc = run.cfg, run.cfg.training
+    seed_global_rng(cfg.run.seed, rank, step)
     gen = step_generator(cfg.run.seed, rank, step)
     x0, labels = run.data_source.sample(per_rank or tc.batch_size, gen)
     x0 = x0.to(run.device, non_blocking=True)
