@@ -27,13 +27,14 @@ HELP = {
     (): ["distill", "sample", "eval", "precond", "teacher"],
     ("distill",): ["--preset", "--set", "--out", "--teacher", "--data", "--dry-run"],
     ("sample",): ["--ckpt", "--out", "--nfe", "--sigmas", "--n", "--seed", "--gamma", "--label", "--weights",
-                  "--teacher-steps"],
-    ("eval",): ["--ckpt", "--nfe", "--n", "--teacher-steps", "--gamma", "--weights", "--json"],
+                  "--teacher-steps", "--device"],
+    ("eval",): ["--ckpt", "--nfe", "--n", "--teacher-steps", "--gamma", "--weights", "--json", "--device"],
     ("precond",): ["compute", "plot", "inspect"],
-    ("precond", "compute"): ["--output", "--preset", "--set", "--teacher", "--data", "--force"],
+    ("precond", "compute"): ["--output", "--preset", "--set", "--teacher", "--data", "--force", "--device"],
     ("precond", "plot"): ["STATS", "--output", "--grid", "--form"],
     ("precond", "inspect"): ["STATS", "--grid", "--form"],
-    ("teacher",): ["import"],
+    ("teacher",): ["train", "import"],
+    ("teacher", "train"): ["--preset", "--out", "--set", "--data", "--dry-run"],
     ("teacher", "import"): ["FILE", "--output", "--force"],
 }
 

@@ -36,7 +36,8 @@ from apctl.preconditioning.build import compute_statistics
 from apctl.preconditioning.coefficients import AnalyticPrecond
 from apctl.preconditioning.table import CoefficientTable
 from apctl.sampling import default_sigmas, student_sample, teacher_sample
-from apctl.teachers.importers import TeacherBundle, compute_fingerprint, save_teacher
+from apctl.teachers.apctl_format import save_teacher
+from apctl.teachers.bundle import TeacherBundle, compute_fingerprint
 from apctl.training.run import prepare
 from apctl.training.step import train_step
 

@@ -48,8 +48,9 @@ def train_teacher(
 
 @app.command("import")
 def import_teacher(
-    file: Path = typer.Argument(..., help="Teacher to import: an NVlabs/edm network pickle (*.pkl) or an "
-                                          "apctl teacher (*.safetensors with its *.json).", metavar="FILE"),
+    file: Path = typer.Argument(..., help="Teacher to import: an NVlabs/edm network pickle (*.pkl), OpenAI's "
+                                          "edm_imagenet64_ema.pt (CTM's ImageNet teacher), or an apctl teacher "
+                                          "(*.safetensors with its *.json).", metavar="FILE"),
     output: Path = typer.Option(Path("teacher.safetensors"), "--output", "-o",
                                 help="Weights to write (*.safetensors); the description goes next to it as *.json."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),

@@ -11,8 +11,8 @@ Rademacher probes v at every level (common random numbers, so the curves are smo
     s_k    = Σ⟨ġ, g⟩ / (Σ‖g‖² + δ),  δ = ridge·Σ‖x‖²        scalar least squares with a ridge
 
 With Rademacher probes ‖v‖² = d exactly, so the identity part c_skip(σ)·I of an EDM denoiser adds no
-Hutchinson variance: the "network-part trick" is automatic here (docs/math.md, "Where this
-implementation departs from, or corrects, the note", item 3).
+Hutchinson variance: the "network-part trick" is automatic here (docs/math.md, "Corrections
+to the derivation note", item 3).
 The ridge defaults to 1e-14, not 1e-8 (same section, item 1): for data smooth at scale σ, ‖g‖² shrinks
 like σ⁴ (≈ 1e-11 per dimension at σ = 0.002), and a 1e-8 ridge then drags s from its true −2 to 0.
 Sums are accumulated in float64; l is clamped to [0, 1], the range the exact l always lies in.

@@ -2,7 +2,7 @@
 
 Data x_0 ~ Σ_k π_k·N(μ_k, diag(c_k²)) (c_k = 0 allowed: the empirical / Dirac mixture). Noising by
 σ = t keeps it a mixture with per-dimension variances v_k = c_k² + t², so with β_k = t²/v_k
-(docs/math.md, "Exact teachers", written per dimension):
+(docs/math.md, "Exact teachers"; written here per dimension):
 
     r_k(x)  ∝ π_k·Π_i v_ki^{−1/2}·exp(−Σ_i (x_i − μ_ki)²/(2 v_ki))          responsibilities
     m_k     = x − β_k ⊙ (x − μ_k)                                            component posterior means
