@@ -9,7 +9,9 @@ Printed figures, per preset:
   * final 1- and 2-step alignment RMS (mean ± std over seeds) of both runs;
   * the speed-up: iterations vanilla takes to reach its final 2-step error, divided by the first
     logged iteration at which Analytic-Precond's seed-mean curve reaches that error (> 1 = faster);
-  * the same ratio for 1 step.
+  * the same ratio for 1 step, and per seed (each seed's AP run against the same seed's vanilla run).
+For the network-teacher setting (digits-net, with FID and the CD pair) see bench/acceleration_network.py,
+which uses `speedup` from here.
 The paper reports 2–3× at 2 steps and ≈ 1× at 1 step on CIFAR-10 / ImageNet-64.
 
     python bench/acceleration.py                       # both presets, 3 seeds, 2 parallel jobs
@@ -49,26 +51,51 @@ def one_run(args: tuple[str, str, int, str, list[str]]) -> dict:
 
 
 def steps_to_reach(curve: list[tuple[int, float]], level: float) -> int | None:
+    """The first logged step whose value is ≤ `level`, or None."""
     return next((step for step, value in curve if value <= level), None)
 
 
+def speedup(steps: list[int], baseline: list[float], candidate: list[float]) -> dict:
+    """How many times fewer iterations `candidate` needs to reach `baseline`'s final value.
+
+    target = baseline[-1]; baseline_steps / candidate_steps are the first logged steps at which each
+    curve is ≤ target (so the resolution is the logging interval). ratio > 1: the candidate is faster;
+    None: the candidate never reaches the target; inf: it is there at step 0 and the baseline is not.
+    """
+    target = baseline[-1]
+    base = steps_to_reach(list(zip(steps, baseline)), target)
+    cand = steps_to_reach(list(zip(steps, candidate)), target)
+    if cand is None:
+        ratio = None
+    elif cand == 0:
+        ratio = 1.0 if base == 0 else float("inf")
+    else:
+        ratio = base / cand
+    return {"target": target, "baseline_steps": base, "candidate_steps": cand, "ratio": ratio}
+
+
+def format_ratio(ratio: float | None) -> str:
+    return "never reached" if ratio is None else f"{ratio:.2f}×"
+
+
 def summarise(results: list[dict], preset: str) -> dict:
-    by_kind = {k: [r for r in results if r["preset"] == preset and r["kind"] == k] for k in ("ctm", "analytic")}
+    by_kind = {k: sorted((r for r in results if r["preset"] == preset and r["kind"] == k), key=lambda r: r["seed"])
+               for k in ("ctm", "analytic")}
     steps = [s for s, _, _ in by_kind["ctm"][0]["curve"]]
     summary = {"preset": preset, "seeds": len(by_kind["ctm"]), "steps": steps}
     for col, name in ((1, "nfe1"), (2, "nfe2")):
         mean = {k: [statistics.mean(r["curve"][i][col] for r in runs) for i in range(len(steps))]
                 for k, runs in by_kind.items()}
         finals = {k: [r["curve"][-1][col] for r in runs] for k, runs in by_kind.items()}
-        target = mean["ctm"][-1]
-        vanilla_steps = steps_to_reach(list(zip(steps, mean["ctm"])), target)
-        ap_steps = steps_to_reach(list(zip(steps, mean["analytic"])), target)
+        ratio = speedup(steps, mean["ctm"], mean["analytic"])
+        per_seed = [speedup(steps, [c[col] for c in a["curve"]], [c[col] for c in b["curve"]])["ratio"]
+                    for a, b in zip(by_kind["ctm"], by_kind["analytic"])]
         summary[name] = {
             "final_ctm": (statistics.mean(finals["ctm"]), statistics.pstdev(finals["ctm"])),
             "final_analytic": (statistics.mean(finals["analytic"]), statistics.pstdev(finals["analytic"])),
             "curve_ctm": mean["ctm"], "curve_analytic": mean["analytic"],
-            "vanilla_steps": vanilla_steps, "analytic_steps": ap_steps,
-            "speedup": (vanilla_steps / ap_steps) if ap_steps else None,
+            "vanilla_steps": ratio["baseline_steps"], "analytic_steps": ratio["candidate_steps"],
+            "speedup": ratio["ratio"], "speedup_per_seed": per_seed,
         }
     return summary
 
@@ -96,7 +123,7 @@ def main() -> None:
     for s in summaries:
         for name in ("nfe1", "nfe2"):
             r = s[name]
-            speed = f"{r['speedup']:.2f}×" if r["speedup"] else "never reached"
+            speed = format_ratio(r["speedup"]) + " (per seed: " + ", ".join(map(format_ratio, r["speedup_per_seed"])) + ")"
             print(f"{s['preset']} | {name[-1]} | {r['final_ctm'][0]:.4f} ± {r['final_ctm'][1]:.4f} | "
                   f"{r['final_analytic'][0]:.4f} ± {r['final_analytic'][1]:.4f} | "
                   f"{r['vanilla_steps']} → {r['analytic_steps']} | {speed}")

@@ -1,0 +1,126 @@
+"""The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
+bench/acceleration_network.py) on synthetic curves, and the commands bench/cifar10_figure3.py runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+acceleration = load("acceleration")
+STEPS = list(range(0, 101, 10))
+BASELINE = [1.0 - 0.005 * s for s in STEPS]            # reaches its final 0.5 at step 100
+FAST = [max(1.0 - 0.01 * s, 0.5) for s in STEPS]      # reaches 0.5 at step 50
+
+
+def test_speedup_half_the_iterations_is_2x():
+    r = acceleration.speedup(STEPS, BASELINE, FAST)
+    assert (r["target"], r["baseline_steps"], r["candidate_steps"]) == (0.5, 100, 50)
+    assert r["ratio"] == pytest.approx(2.0)
+
+
+def test_speedup_never_reached_is_none_and_slower_is_below_1():
+    assert acceleration.speedup(STEPS, BASELINE, [0.9] * len(STEPS))["ratio"] is None
+    assert acceleration.speedup(STEPS, FAST, BASELINE)["ratio"] == pytest.approx(0.5)
+    assert acceleration.format_ratio(None) == "never reached"
+
+
+def test_speedup_at_step_0():
+    assert math.isinf(acceleration.speedup(STEPS, BASELINE, [0.1] * len(STEPS))["ratio"])
+    assert acceleration.speedup(STEPS, [0.5] * len(STEPS), [0.4] * len(STEPS))["ratio"] == 1.0
+
+
+def test_baseline_is_credited_with_its_first_reach():
+    # A baseline that dips to its final value at step 60, then wobbles: its steps are 60, not 100.
+    wobbly = [1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.52, 0.51, 0.52, 0.5]
+    r = acceleration.speedup(STEPS, wobbly, FAST)
+    assert (r["baseline_steps"], r["candidate_steps"], r["ratio"]) == (60, 50, pytest.approx(1.2))
+
+
+def test_summarise_seed_mean_and_per_seed():
+    def run(kind, seed, nfe2):
+        return {"preset": "p", "kind": kind, "seed": seed, "curve": [(s, v + 1, v) for s, v in zip(STEPS, nfe2)]}
+
+    slow = [v + 0.1 for v in FAST]   # seed 1's AP: reaches 0.6 (not the baseline's 0.5) → never
+    results = [run("ctm", 0, BASELINE), run("analytic", 0, FAST), run("ctm", 1, BASELINE), run("analytic", 1, slow)]
+    s = acceleration.summarise(results, "p")
+    assert s["nfe2"]["speedup_per_seed"] == [pytest.approx(2.0), None]
+    # the seed-mean AP curve bottoms out at 0.55 > 0.5: never reached on the mean either
+    assert s["nfe2"]["speedup"] is None
+    assert s["nfe2"]["final_ctm"] == (pytest.approx(0.5), pytest.approx(0.0))
+    assert s["nfe2"]["final_analytic"] == (pytest.approx(0.55), pytest.approx(0.05))
+
+
+def test_network_summary_pairs_and_ratios():
+    net = load("acceleration_network")
+    fid = {"fid_real_nfe1": 10.0, "fid_teacher_nfe1": 5.0, "fid_real_nfe2": 8.0, "fid_teacher_nfe2": 4.0,
+           "fid_seconds_nfe1": 1.0, "fid_seconds_nfe2": 1.0}
+
+    def run(objective, kind, seed, curve):
+        return {"objective": objective, "kind": kind, "seed": seed, "final_fid": fid,
+                "curve": [{"step": s, "nfe1": v, "nfe2": v, "nfe4": v} for s, v in zip(STEPS, curve)]}
+
+    results = [run("ctm", "ctm", s, BASELINE) for s in (0, 1)] + [run("ctm", "analytic", s, FAST) for s in (0, 1)]
+    s = net.summarise_pair(results, "ctm")
+    assert s["speedup"]["nfe2"]["ratio"] == pytest.approx(2.0)
+    assert s["speedup"]["nfe1"]["per_seed"] == [pytest.approx(2.0)] * 2
+    assert s["variants"]["analytic"]["nfe4"]["final"] == (pytest.approx(0.5), 0.0)
+    assert s["variants"]["ctm"]["fid"]["fid_real_nfe2"] == (8.0, 0.0)
+    assert "fid_seconds_nfe1" not in s["variants"]["ctm"]["fid"]
+
+
+def test_cifar10_figure3_dry_run_commands(tmp_path):
+    out = tmp_path / "fig3"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "cifar10_figure3.py"), "--dry-run", "--teacher", "T.pkl", "--data", "D.tar.gz",
+         "--ref", "REF.npz", "--gpus", "4", "--iterations", "12000", "--fid-every", "5000", "--fid-n", "5000",
+         "--out", str(out), "--set", "training.lr=2e-4"],
+        capture_output=True, text=True, check=True, cwd=BENCH.parent, timeout=120)
+    commands = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
+    train = [c for c in commands if c[0] == "torchrun"]
+    evals = [c for c in commands if "eval" in c]
+    assert len(train) == 2 and len(evals) == 6 and len(commands) == 8
+    assert not out.exists()                                 # nothing ran
+    for cmd, kind in zip(train, ("analytic", "ctm")):
+        assert cmd[1:9] == ["--nproc_per_node=4", "-m", "apctl.cli.main", "distill", "--preset", "cifar10-cond",
+                            "--teacher", "T.pkl"]
+        assert cmd[cmd.index("--data") + 1] == "D.tar.gz"
+        assert cmd[cmd.index("--out") + 1] == str(out / kind)
+        sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+        # checkpoints every K, and all of them kept (5000, 10000, 12000 → at least 3)
+        assert f'precond.kind="{kind}"' in sets and "training.checkpoint_every=5000" in sets
+        assert "training.iterations=12000" in sets and "training.lr=2e-4" in sets
+        keep = int(next(s for s in sets if s.startswith("training.keep_checkpoints=")).split("=")[1])
+        assert keep >= 3
+    expected = [(kind, step) for kind in ("analytic", "ctm") for step in (5000, 10000, 12000)]
+    for cmd, (kind, step) in zip(evals, expected):
+        assert cmd[1:4] == ["-m", "apctl.cli.main", "eval"]
+        assert cmd[cmd.index("--ckpt") + 1] == str(out / kind / "checkpoints" / f"ckpt-{step:07d}.json")
+        assert cmd[cmd.index("--fid") + 1] == "REF.npz"
+        assert cmd[cmd.index("--nfe") + 1] == "1,2" and cmd[cmd.index("--n") + 1] == "5000"
+        assert "--json" in cmd
+
+
+def test_cifar10_checkpoint_steps():
+    fig3 = load("cifar10_figure3")
+    assert fig3.checkpoint_steps(150000, 5000)[-1] == 150000 and len(fig3.checkpoint_steps(150000, 5000)) == 30
+    assert fig3.checkpoint_steps(12000, 5000) == [5000, 10000, 12000]
