@@ -1,22 +1,19 @@
-"""One typed configuration object for a run, loaded from TOML presets and `--set` overrides.
+"""One typed configuration object for a run: a dataclass per TOML table, and their validation.
 
-A preset is data: a TOML file whose tables mirror the dataclasses below. Loading validates every
-key against its field (unknown key, wrong type, out-of-range or unknown choice) and reports the
-file, the dotted key and the reason before any work starts. A preset may start with
-`extends = "NAME"` to inherit another preset and change a few keys. Each parameter then flows from
-here to the one place that uses it.
+`config_from_dict` writes plain data (a preset's merged layers, a checkpoint's saved config) onto
+the dataclasses, checking every key against its field (unknown key, wrong type, out-of-range or
+unknown choice) and then the cross-field rules of `validate`; errors name the source, the dotted key
+and the reason. Finding presets and layering them (`extends`, command-line paths, `--set`) is
+`apctl.presets`. Each builder takes its own section (`cfg.teacher`, `cfg.objective`, …).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from apctl.errors import ApctlError
@@ -313,131 +310,6 @@ def _apply(obj: Any, data: dict, source: str, prefix: str = "") -> None:
             setattr(obj, obj.kind, kinds[obj.kind]())
 
 
-def _read_toml(path: Path) -> dict:
-    import tomli
-
-    try:
-        with open(path, "rb") as fh:
-            return tomli.load(fh)
-    except tomli.TOMLDecodeError as exc:
-        raise ApctlError(f"{path}: not valid TOML ({exc})") from None
-    except OSError as exc:
-        raise ApctlError(f"cannot read preset {path}: {exc.strerror}") from None
-
-
-def preset_dirs() -> list[Path]:
-    """Where preset names are looked up: $APCTL_PRESETS, ./presets, then the presets shipped with apctl
-    (the repository's presets/ for a clone, <prefix>/share/apctl/presets for a wheel)."""
-    dirs = []
-    if os.environ.get(PRESET_DIR_ENV):
-        dirs.append(Path(os.environ[PRESET_DIR_ENV]))
-    dirs.append(Path.cwd() / "presets")
-    dirs.append(Path(__file__).resolve().parent.parent / "presets")     # a clone / editable install
-    dirs.append(Path(sys.prefix) / "share" / "apctl" / "presets")        # a wheel install
-    seen, unique = set(), []
-    for d in dirs:
-        if d.resolve() not in seen:
-            seen.add(d.resolve())
-            unique.append(d)
-    return unique
-
-
-def available_presets() -> list[str]:
-    names = set()
-    for d in preset_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.toml"))
-    return sorted(names)
-
-
-def find_preset(name_or_path: str) -> Path:
-    """A preset by file path (anything ending in .toml) or by name in `preset_dirs()`."""
-    if name_or_path.endswith(".toml") or os.sep in name_or_path:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ApctlError(f"preset file not found: {path}")
-        return path
-    for d in preset_dirs():
-        candidate = d / f"{name_or_path}.toml"
-        if candidate.is_file():
-            return candidate
-    raise ApctlError(f"unknown preset '{name_or_path}' (available: {', '.join(available_presets()) or 'none'}; "
-                     f"looked in {', '.join(str(d) for d in preset_dirs())})")
-
-
-def _merge(base: dict, override: dict) -> dict:
-    """`override` on top of `base`, table by table. Where a table's `kind` changes, the section of
-    the old kind (a sub-table named after it, e.g. [objective.ctm]) is dropped, not inherited."""
-    out = dict(base)
-    old_kind, new_kind = base.get("kind"), override.get("kind")
-    if isinstance(old_kind, str) and new_kind is not None and new_kind != old_kind and isinstance(out.get(old_kind), dict):
-        del out[old_kind]
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    if path.resolve() in chain:
-        raise ApctlError(f"{path}: 'extends' forms a cycle")
-    data = _read_toml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise ConfigError(str(path), "extends", "expected a preset name")
-    try:
-        parent_path = (path.parent / parent) if parent.endswith(".toml") else find_preset(parent)
-        if not parent_path.is_file():
-            raise ApctlError(f"file not found: {parent_path}")
-    except ConfigError:
-        raise
-    except ApctlError as exc:
-        raise ConfigError(str(path), "extends", str(exc)) from None
-    return _merge(_load_layers(parent_path, chain + (path.resolve(),)), data)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'a.b=value' → (['a', 'b'], value), the value read as TOML (bare words are strings)."""
-    import tomli
-
-    if "=" not in text:
-        raise ApctlError(f"--set expects key=value, got {text!r}")
-    key, raw = (part.strip() for part in text.split("=", 1))
-    if not key or any(not part for part in key.split(".")):
-        raise ApctlError(f"--set expects a dotted key like training.lr, got {key!r}")
-    try:
-        value = tomli.loads(f"v = {raw}")["v"]
-    except tomli.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
-
-
-def _nest(path: list[str], value: Any) -> dict:
-    out: Any = value
-    for part in reversed(path):
-        out = {part: out}
-    return out
-
-
-def load_config(preset: str, overrides: list[str] = (), paths: dict | None = None) -> tuple[Config, Path]:
-    """The validated Config of a preset (name or .toml path), then `paths` (plain values from
-    command-line flags such as --teacher and --data, e.g. {"teacher": {"file": ...}}), then the
-    `--set key=value` overrides, in that order. An error names the layer that caused it."""
-    path = find_preset(preset)
-    layers = [(str(path), _load_layers(path))]
-    if paths:
-        layers.append(("command-line paths", paths))
-    layers += [(f"--set {text}", _nest(*parse_override(text))) for text in overrides]
-    data: dict = {}
-    for source, layer in layers:
-        # Each layer is checked on the merged whole: a config valid before it and invalid after was
-        # broken by it, so the error names it.
-        data = _merge(data, layer)
-        cfg = config_from_dict(data, source)
-    return cfg, path
-
-
 def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
     cfg = Config()
     _apply(cfg, data, source)
@@ -482,10 +354,3 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(source, "objective.distance.kind", "lpips compares images: it needs student.kind = 'unet'")
     if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg.eval.nfe):
         raise ConfigError(source, "eval.nfe", "must be a list of positive integers")
-
-
-def config_to_toml(cfg: Config) -> str:
-    """The resolved config as TOML, saved with every run (re-loadable with `load_config`)."""
-    import tomli_w
-
-    return tomli_w.dumps(cfg.to_dict())

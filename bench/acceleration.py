@@ -36,7 +36,7 @@ def one_run(args: tuple[str, str, int, str, list[str]]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from apctl.config import load_config
+    from apctl.presets import load_config
     from apctl.training.run import alignment_probe, prepare, train
 
     overrides = [f'precond.kind="{kind}"', f"run.seed={seed}", "run.threads=1"] + extra

@@ -51,7 +51,7 @@ EXTRA = [ADAPTIVE, GRADNORM]
 
 
 def prepare_run(preset: str, kind: str | None, tmp: str):
-    from apctl.config import load_config
+    from apctl.presets import load_config
     from apctl.training.run import prepare
 
     overrides = SHRINK + ([f'precond.kind="{kind}"'] if kind else [])

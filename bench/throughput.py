@@ -20,7 +20,7 @@ import torch
 
 
 def steps_per_second(preset: str, kind: str, steps: int, warmup: int) -> float:
-    from apctl.config import load_config
+    from apctl.presets import load_config
     from apctl.training.run import prepare
     from apctl.training.step import shared_generator
 
@@ -43,7 +43,7 @@ def steps_per_second(preset: str, kind: str, steps: int, warmup: int) -> float:
 
 
 def teacher_calls_per_second(conditional: bool, calls: int = 50) -> float:
-    from apctl.config import load_config
+    from apctl.presets import load_config
     from apctl.data.sources import load_training_data
     from apctl.teachers import build_teacher
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from apctl.config import Config, config_to_toml, load_config, parse_override
+from apctl.config import Config
+from apctl.presets import config_to_toml, load_config, parse_override
 from apctl.errors import ApctlError
 
 # Parametrization needs the list at import time, so this mirrors conftest's PRESET_DIR.

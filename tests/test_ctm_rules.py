@@ -23,7 +23,7 @@ from scipy import stats
 from torch import nn
 
 import oracles
-from apctl.config import load_config
+from apctl.presets import load_config
 from apctl.networks.edm_layers import UNetBlock
 from apctl.networks.mlp import TwoTimeMLP
 from apctl.networks.registry import EDM_PRESET_KWARGS

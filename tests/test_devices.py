@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchEr
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import apctl.preconditioning.statistics as statistics_module
-from apctl.config import load_config
+from apctl.presets import load_config
 from apctl.metrics.alignment import AlignmentProbe
 from apctl.networks import EDM_PRESET_KWARGS, build_network
 from apctl.preconditioning.build import compute_statistics

@@ -338,7 +338,7 @@ def test_edm_zip_given_to_a_cifar10_preset_is_not_called_corrupt(files, cli, tmp
 
 
 def test_statistics_jvp_and_fd_agree_for_the_network_teacher(files):
-    from apctl.config import load_config
+    from apctl.presets import load_config
     from apctl.data.sources import build_data_source, load_training_data
     from apctl.preconditioning.build import compute_statistics
     from apctl.teachers import build_teacher

@@ -22,7 +22,7 @@ DataOpt = typer.Option(None, "--data", metavar="PATH",
 def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optional[Path] = None,
                    data: Optional[Path] = None):
     """Preset, then --teacher/--data (teacher.kind/file, data.kind/path as plain values), then --set."""
-    from apctl.config import load_config
+    from apctl.presets import load_config
 
     # Absolute paths, so that `sample` and `eval` find the files from any working directory.
     paths: dict = {}

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from apctl.checkpoints import list_checkpoints, load_checkpoint, restore_optimizer, save_checkpoint
-from apctl.config import Config, config_to_toml
+from apctl.config import Config
+from apctl.presets import config_to_toml
 from apctl.errors import ApctlError
 from apctl.files import atomic_write
 from apctl.training import distributed
