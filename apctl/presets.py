@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from apctl.config import Config, ConfigError, config_from_dict
+from apctl.config import Config, ConfigError, config_from_dict, validate
 from apctl.errors import ApctlError
 
 PRESET_DIR_ENV = "APCTL_PRESETS"
@@ -129,18 +129,23 @@ def _nest(path: list[str], value: Any) -> dict:
 def load_config(preset: str, overrides: list[str] = (), paths: dict | None = None) -> tuple[Config, Path]:
     """The validated Config of a preset (name or .toml path), then `paths` (plain values from
     command-line flags such as --teacher and --data, e.g. {"teacher": {"file": ...}}), then the
-    `--set key=value` overrides, in that order. An error names the layer that caused it."""
+    `--set key=value` overrides, in that order.
+
+    Keys, types, ranges and sections are checked layer by layer on the merged whole (so an error
+    names the layer that caused it); the preset must also pass the cross-field rules on its own. The
+    command-line layers are checked against those rules together, once, at the end — a rule broken
+    by one `--set` may be mended by the next (grid_points=6 then ctm.max_teacher_steps=3).
+    """
     path = find_preset(preset)
-    layers = [(str(path), _load_layers(path))]
-    if paths:
-        layers.append(("command-line paths", paths))
+    data = _load_layers(path)
+    cfg = config_from_dict(data, str(path))
+    layers = [("command-line paths", paths)] if paths else []
     layers += [(f"--set {text}", _nest(*parse_override(text))) for text in overrides]
-    data: dict = {}
     for source, layer in layers:
-        # Each layer is checked on the merged whole: a config valid before it and invalid after was
-        # broken by it, so the error names it.
         data = _merge(data, layer)
-        cfg = config_from_dict(data, source)
+        cfg = config_from_dict(data, source, cross_field=False)
+    if layers:
+        validate(cfg, " ".join(source for source, _ in layers))
     return cfg, path
 
 

@@ -413,3 +413,13 @@ def test_command_line_paths_are_plain_values_not_toml(tmp_path):
     odd = str(tmp_path / 'we"ird\\na me.pkl')
     cfg, _ = load_config("cifar10-cond", [], {"teacher": {"kind": "network", "file": odd}})
     assert cfg.teacher.file == odd
+
+
+def test_a_rule_broken_by_one_set_may_be_mended_by_the_next():
+    """Cross-field rules see the command line as a whole: grid_points=6 alone breaks max_teacher_steps ≤ N − 1,
+    the next --set mends it; the same two in the other order, or the first alone, are checked at the end."""
+    cfg, _ = load_config("toy2d", ["objective.grid_points=6", "objective.ctm.max_teacher_steps=3"])
+    assert cfg.objective.grid_points == 6 and cfg.objective.ctm.max_teacher_steps == 3
+    with pytest.raises(ApctlError) as info:
+        load_config("toy2d", ["objective.grid_points=6"])
+    assert "--set objective.grid_points=6" in str(info.value) and "max_teacher_steps" in str(info.value)
