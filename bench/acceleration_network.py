@@ -224,10 +224,11 @@ def one_run(args: tuple[str, str, str, int, list[str], dict]) -> dict:
     saved = torch.load(work / "probe.pt")
     probe = AlignmentProbe.__new__(AlignmentProbe)
     probe.z, probe.labels, probe.reference = saved["z"], saved["labels"], saved["reference"]
-    refs = load_refs(opts["work"])
-    net = load_inception()
+    with_fid = opts["fid_samples"] > 0
+    refs = load_refs(opts["work"]) if with_fid else None
+    net = load_inception() if with_fid else None
     z_fid, y_fid = fid_noise(opts["fid_samples"], probe.z.shape[1:], 0 if probe.labels is None else probe.labels.shape[1],
-                             opts["fid_seed"])
+                             opts["fid_seed"]) if with_fid else (None, None)
     timings = {"probe": 0.0, "fid": 0.0}
 
     def fids(run) -> dict:
@@ -254,7 +255,7 @@ def one_run(args: tuple[str, str, str, int, list[str], dict]) -> dict:
     prepared = time.perf_counter()
     train(run, None, evaluate)
     trained = time.perf_counter()
-    final = fids(run)
+    final = fids(run) if with_fid else {}
     curve = [{"step": h["step"], **{f"nfe{n}": h[f"align_nfe{n}"] for n in NFES},
               **{k: v for k, v in h.items() if k.startswith("fid_")}} for h in run.history if "align_nfe1" in h]
     train_seconds = trained - prepared - timings["probe"] - timings["fid"]
@@ -288,6 +289,7 @@ def summarise_pair(results: list[dict], objective: str) -> dict:
                             "mean": [statistics.mean(col) for col in zip(*curves)],
                             "min": [min(col) for col in zip(*curves)], "max": [max(col) for col in zip(*curves)]}
         v["fid"] = {k: mean_std([r["final_fid"][k] for r in rs]) for k in rs[0]["final_fid"] if not k.startswith("fid_seconds")}
+        v["iterations_per_second"] = mean_std([1 / r["seconds_per_iteration"] for r in rs])
         out["variants"][kind] = v
     for n in NFES:
         pooled = speedup(steps, out["variants"][base_kind][f"nfe{n}"]["mean"], out["variants"][ap_kind][f"nfe{n}"]["mean"])
@@ -327,18 +329,24 @@ def plot(summaries: list[dict], path: Path) -> None:
 
 def markdown(summaries: list[dict], results: list[dict], prep: list[dict], wall: float, command: str) -> str:
     pm = lambda ms, d=4: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"  # noqa: E731
+    with_fid = results[0]["fid_samples"] > 0
+    fid_note = (f"final-EMA FID of {results[0]['fid_samples']} samples against all real digits / the teacher's "
+                "35-NFE samples" if with_fid else "no FID (--fid-samples 0)")
     lines = [f"`{command}`", "",
              f"{len(results)} runs, {wall / 60:.1f} min wall; seeds {summaries[0]['seeds']}; "
-             f"{results[0]['iterations']} iterations each; final-EMA FID of {results[0]['fid_samples']} samples against "
-             "all real digits / the teacher's 35-NFE samples; mean ± std over seeds (ddof 0).", "",
-             "| objective | coefficients | RMS 1 step | RMS 2 steps | RMS 4 steps | FID 1 step (real / teacher) | FID 2 steps (real / teacher) |",
-             "|---|---|---|---|---|---|---|"]
+             f"{results[0]['iterations']} iterations each; {fid_note}; mean ± std over seeds (ddof 0).", "",
+             "| objective | coefficients | RMS 1 step | RMS 2 steps | RMS 4 steps | it/s |"
+             + (" FID 1 step (real / teacher) | FID 2 steps (real / teacher) |" if with_fid else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if with_fid else "")]
     for s in summaries:
         for kind, v in s["variants"].items():
             f = v["fid"]
-            lines.append(f"| {s['objective'].upper()} | {LABEL[kind]} | {pm(v['nfe1']['final'])} | {pm(v['nfe2']['final'])} | "
-                         f"{pm(v['nfe4']['final'])} | {pm(f['fid_real_nfe1'], 1)} / {pm(f['fid_teacher_nfe1'], 1)} | "
-                         f"{pm(f['fid_real_nfe2'], 1)} / {pm(f['fid_teacher_nfe2'], 1)} |")
+            row = (f"| {s['objective'].upper()} | {LABEL[kind]} | {pm(v['nfe1']['final'])} | {pm(v['nfe2']['final'])} | "
+                   f"{pm(v['nfe4']['final'])} | {pm(v['iterations_per_second'], 2)} |")
+            if with_fid:
+                row += (f" {pm(f['fid_real_nfe1'], 1)} / {pm(f['fid_teacher_nfe1'], 1)} | "
+                        f"{pm(f['fid_real_nfe2'], 1)} / {pm(f['fid_teacher_nfe2'], 1)} |")
+            lines.append(row)
     lines += ["", "| objective | NFE | baseline's final RMS | its baseline → its AP to reach it | speed-up (seed mean) | per seed |",
               "|---|---|---|---|---|---|"]
     for s in summaries:
@@ -350,10 +358,11 @@ def markdown(summaries: list[dict], results: list[dict], prep: list[dict], wall:
         lines += ["", "CD: compare at NFE 1 only — the γ = 0 multi-step sampler is not defined for CM's "
                   "s-independent coefficients, so CM's 2-/4-step RMS, FID and speed-ups are not like-for-like."]
     per_it = [r["seconds_per_iteration"] for r in results]
-    fid_s = [r["final_fid"][f"fid_seconds_nfe{n}"] for r in results for n in FID_NFES]
+    fid_s = [r["final_fid"][f"fid_seconds_nfe{n}"] for r in results for n in FID_NFES if with_fid]
+    fid_time = (f"one FID evaluation ({results[0]['fid_samples']} samples, Inception features + 2 Fréchet distances) "
+                f"{statistics.mean(fid_s):.1f} s; " if with_fid else "")
     lines += ["", f"Timing: {statistics.mean(per_it):.3f} s per training iteration (1 thread, mean over runs); "
-              f"one FID evaluation ({results[0]['fid_samples']} samples, Inception features + 2 Fréchet distances) "
-              f"{statistics.mean(fid_s):.1f} s; preparation: " +
+              f"{fid_time}preparation: " +
               ", ".join(f"{p['job']} {p['seconds']:.0f} s" for p in prep) + "."]
     return "\n".join(lines)
 
@@ -366,7 +375,8 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", choices=sorted(PAIRS), default=["ctm", "cd"])
     parser.add_argument("--out", default="bench/results", help="where the JSON and PNG go")
     parser.add_argument("--work", default=None, help="run directories and shared files (default: <out>/digits_net)")
-    parser.add_argument("--fid-samples", type=int, default=1797, help="student samples per FID (default 1797)")
+    parser.add_argument("--fid-samples", type=int, default=1797,
+                        help="student samples per FID (default 1797; 0 = no FID, alignment curves only)")
     parser.add_argument("--fid-every", type=int, default=0,
                         help="also FID every M iterations (a multiple of training.eval_every); 0 = final only")
     parser.add_argument("--reference-samples", type=int, default=0,
@@ -392,8 +402,8 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs) as pool:
         # Once per benchmark: statistics, the probe's teacher solution, the two FID references.
-        prep = pool.map(prep_job, [(w, "digits-net", args.overrides, opts)
-                                   for w in ("teacher", "statistics", "probe", "real")], chunksize=1)
+        needed = ("teacher", "statistics", "probe", "real") if args.fid_samples > 0 else ("statistics", "probe")
+        prep = pool.map(prep_job, [(w, "digits-net", args.overrides, opts) for w in needed], chunksize=1)
         for p in prep:
             print(f"prepared {p['job']}: {p['seconds']:.1f} s " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                                                               for k, v in p.items() if k not in ("job", "seconds")),

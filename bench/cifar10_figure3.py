@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         return
     plot(rows, nfes, out / "figure3.png")
-    print(f"\n| variant | iteration | " + " | ".join(f"FID {n} step" for n in nfes) + " |")
+    print("\n| variant | iteration | " + " | ".join(f"FID {n} step" for n in nfes) + " |")
     print("|---|---|" + "---|" * len(nfes))
     for variant in args.variants:
         for step in sorted({int(r["iteration"]) for r in rows if r["variant"] == variant}):
