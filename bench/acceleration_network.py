@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import shlex
@@ -143,7 +144,7 @@ def prep_job(args: tuple[str, str, list[str], dict]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from apctl.config import load_config
+    from apctl.presets import load_config
 
     cfg, _ = load_config(preset, extra + ["run.threads=1"])
     out = Path(opts["work"])
@@ -206,7 +207,7 @@ def one_run(args: tuple[str, str, str, int, list[str], dict]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from apctl.config import load_config
+    from apctl.presets import load_config
     from apctl.metrics.alignment import AlignmentProbe
     from apctl.metrics.evaluation import measure
     from apctl.metrics.inception import load_inception
@@ -289,7 +290,8 @@ def summarise_pair(results: list[dict], objective: str) -> dict:
                             "mean": [statistics.mean(col) for col in zip(*curves)],
                             "min": [min(col) for col in zip(*curves)], "max": [max(col) for col in zip(*curves)]}
         v["fid"] = {k: mean_std([r["final_fid"][k] for r in rs]) for k in rs[0]["final_fid"] if not k.startswith("fid_seconds")}
-        v["iterations_per_second"] = mean_std([1 / r["seconds_per_iteration"] for r in rs])
+        speeds = [1 / r["seconds_per_iteration"] for r in rs if r.get("seconds_per_iteration")]
+        v["iterations_per_second"] = mean_std(speeds) if speeds else (math.nan, math.nan)
         out["variants"][kind] = v
     for n in NFES:
         pooled = speedup(steps, out["variants"][base_kind][f"nfe{n}"]["mean"], out["variants"][ap_kind][f"nfe{n}"]["mean"])
@@ -388,7 +390,7 @@ def main() -> None:
     command = "python bench/acceleration_network.py " + shlex.join(sys.argv[1:])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from apctl.config import load_config
+    from apctl.presets import load_config
 
     cfg, _ = load_config("digits-net", args.overrides)      # fail early on a bad override
     if args.fid_every and args.fid_every % max(cfg.training.eval_every, 1):

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.fid_every < 1:
         parser.error("--fid-every must be ≥ 1")
 
-    from apctl.config import load_config
+    from apctl.presets import load_config
 
     cfg, _ = load_config(PRESET, args.overrides)
     iterations = args.iterations or cfg.training.iterations
