@@ -172,3 +172,16 @@ def test_presets_of_the_other_command_get_one_clear_line(tmp_path, cli):
     bad.write_text('extends = "digits-teacher"\n[student]\nkind = "unet"\n')
     cli.user_error(cli(["teacher", "train", "--preset", bad], tmp_path), "student.kind")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_teacher_that_does_not_fit_the_data_is_one_line_before_any_work(trained_teacher, cli):
+    """An 8×8, 10-class teacher with 16×16 digits, or with unlabelled digits: refused naming both, nothing written."""
+    ws, _ = trained_teacher
+    teacher = ws / "T" / "teacher.safetensors"
+    small = [o for o in TINY_DISTILL if not o.startswith("data.resolution")]
+    line = cli.user_error(cli(["distill", "--preset", "digits-net", "--teacher", teacher, "--out", "wrong-size",
+                               *_sets(small + ["data.resolution=16"])], ws), "(1, 8, 8)", "(1, 16, 16)")
+    assert "teacher" in line
+    cli.user_error(cli(["distill", "--preset", "digits-net", "--teacher", teacher, "--out", "no-labels",
+                        *_sets(TINY_DISTILL + ["data.class_conditional=false"])], ws), "10 classes", "no labels")
+    assert not (ws / "wrong-size").exists() and not (ws / "no-labels").exists()

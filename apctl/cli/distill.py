@@ -60,6 +60,8 @@ def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optiona
             from apctl.training.run import SilentReporter
 
             reporter = SilentReporter()
+        if distributed.is_main():
+            _banner(reporter, command, cfg, preset_path, out)
         run = prepare(cfg, out, reporter)
         probe = alignment_probe(run, ProgressCallback("teacher ODE reference"))
         train(run, reporter, probe)
@@ -69,3 +71,16 @@ def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optiona
                 console.print(line)
     finally:
         distributed.shutdown()
+
+
+def _banner(reporter, command: str, cfg, preset_path: Path, out: Path) -> None:
+    """What a log file needs up front: version, device, world size, run directory, the resolved plan."""
+    from apctl import __version__
+    from apctl.plan import describe_plan
+    from apctl.training import distributed
+    from apctl.training.run import resolve_device
+
+    reporter.message(f"apctl {__version__} {command}: device {resolve_device(cfg.run.device)}, "
+                     f"{distributed.world_size()} process(es), run directory {out}")
+    for key, value in describe_plan(cfg, preset_path, out):
+        reporter.message(f"  {key}: {value}")

@@ -23,8 +23,17 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from apctl import __version__
+
+        typer.echo(f"apctl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print apctl's version and exit.")) -> None:
     """Distill an EDM diffusion teacher into a 1–4 step student (CTM / CD objectives), sample it,
     evaluate it against the teacher, and inspect the Analytic-Precond coefficients.
 

@@ -104,6 +104,28 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated on the GPU, or resident (max RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux reports KiB
+
+
+def check_teacher_fits_data(teacher, data_source) -> None:
+    """The teacher's sample shape and classes must be the data's (checked before anything is written)."""
+    if teacher is None:
+        return
+    if tuple(teacher.shape) != tuple(data_source.shape):
+        raise ApctlError(f"the teacher takes samples of shape {tuple(teacher.shape)} but the data set's are "
+                         f"{tuple(data_source.shape)} (channels, height, width): pass matching --teacher and --data")
+    if teacher.label_dim != data_source.label_dim:
+        has = lambda n: f"{n} classes" if n else "no labels"  # noqa: E731
+        raise ApctlError(f"the teacher is conditioned on {has(teacher.label_dim)} but the data brings "
+                         f"{has(data_source.label_dim)}: check data.class_conditional and the teacher file")
+
+
 def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run:
     from apctl.data.sources import build_data_source, load_training_data
     from apctl.networks.student import build_student, set_dropout, student_architecture
@@ -130,6 +152,7 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     data = load_training_data(cfg.data)
     teacher = build_teacher(cfg.teacher, data)
     data_source = build_data_source(cfg.data, teacher, data)
+    check_teacher_fits_data(teacher, data_source)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.toml", config_to_toml(cfg))
@@ -235,12 +258,16 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
             sums[key] = sums.get(key, 0) + value.detach().float()
         run.step += 1
 
-        evaluate = probe is not None and tc.eval_every and run.step % tc.eval_every == 0
+        # The final step is always measured, so the last line and samples.png describe the same model.
+        evaluate = probe is not None and (run.step % tc.eval_every == 0 or run.step == tc.iterations)
         if run.step % tc.log_every == 0 or run.step == tc.iterations or evaluate:
             now = time.perf_counter()
             steps = run.step - last_logged
             logs = {key: value / steps for key, value in distributed.mean_over_ranks(sums).items()}
-            logs = dict(logs, step=run.step, it_per_s=steps / max(now - clock, 1e-9))
+            logs = dict(logs, step=run.step, it_per_s=steps / max(now - clock, 1e-9), time=time.time(),
+                        lr=run.optimizer.param_groups[0]["lr"], peak_memory_mb=peak_memory_mb(run.device))
+            if run.scaler.is_enabled():
+                logs["loss_scale"] = run.scaler.get_scale()
             clock, last_logged, sums = now, run.step, {}
             if evaluate:
                 logs.update(probe(run))
