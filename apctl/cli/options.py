@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -33,3 +33,9 @@ def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optiona
 
         paths["data"] = {"kind": infer_data_kind(data), "path": str(data.expanduser().absolute())}
     return load_config(preset, list(overrides or []), paths)
+
+SigmaSchedule = Literal["karras", "grid"]
+SigmaScheduleOpt = typer.Option(None, "--sigma-schedule",
+                                help="Default σ list of an NFE-n sample: 'karras' (CTM's exact sampler, e.g. NFE 2 = "
+                                     "80 → 2.515 → 0.002) or 'grid' (inner levels snapped to the training grid). "
+                                     "Default: the run's eval.sigmas.")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt
+from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt
 from apctl.errors import ApctlError
 
 
@@ -30,6 +30,7 @@ def sample(
     weights: str = typer.Option("ema", "--weights", help="Which weights: ema, student or target."),
     teacher_steps: int = typer.Option(0, "--teacher-steps", help="Sample the teacher's Heun ODE with this many steps instead (reference)."),
     device: str = DeviceOpt,
+    sigma_schedule: Optional[SigmaSchedule] = SigmaScheduleOpt,
 ) -> None:
     """Draw few-step samples from a student (or the teacher's Heun ODE).
 
@@ -54,7 +55,7 @@ def sample(
 
     dev = resolve_device(device, "--device")
     trained = load_trained_student(ckpt, weights, dev)
-    sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid, trained.cfg.eval.sigmas)
+    sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid, sigma_schedule or trained.cfg.eval.sigmas)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((count, *trained.shape), generator=gen)
     labels = None
