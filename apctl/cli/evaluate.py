@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt
+from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, Weights, WeightsOpt
 from apctl.errors import ApctlError
 
 
@@ -25,10 +25,10 @@ def _parse_nfes(text: str) -> list[int]:
 def evaluate(
     ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     nfe: str = typer.Option("1,2,4", "--nfe", help="Comma-separated NFEs to evaluate."),
-    count: Optional[int] = typer.Option(None, "--n", help="Samples (default: the run's eval.n_samples)."),
-    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Heun steps of the reference teacher ODE (default: eval.teacher_steps)."),
-    gamma: float = typer.Option(0.0, "--gamma", help="CTM γ of the student sampler."),
-    weights: str = typer.Option("ema", "--weights", help="Which weights: ema, student or target."),
+    count: Optional[int] = typer.Option(None, "--n", min=2, help="Samples (default: the run's eval.n_samples)."),
+    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", min=2, help="Heun steps of the reference teacher ODE (default: eval.teacher_steps)."),
+    gamma: float = typer.Option(0.0, "--gamma", min=0.0, max=1.0, help="CTM γ of the student sampler."),
+    weights: Weights = WeightsOpt,
     fid: Optional[str] = typer.Option(None, "--fid", metavar="REF",
                                       help="Also FID for image students: 'teacher' (against the teacher-ODE samples) or an EDM-style .npz of reference statistics."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
@@ -42,12 +42,6 @@ def evaluate(
     Trajectory alignment RMS ‖student_NFE(z) − teacher_ODE(z)‖ for the same noise z, and the sliced
     Wasserstein-2 distance between student and teacher samples."""
     nfes = _parse_nfes(nfe)
-    if count is not None and count < 2:
-        raise ApctlError(f"--n must be at least 2, got {count}")
-    if teacher_steps is not None and teacher_steps < 2:
-        raise ApctlError(f"--teacher-steps must be at least 2, got {teacher_steps}")
-    if weights not in ("ema", "student", "target"):
-        raise ApctlError(f"--weights must be ema, student or target, got {weights!r}")
     from apctl.cli.ui import ProgressCallback, console
     from apctl.metrics.evaluation import measure
     from apctl.metrics.alignment import AlignmentProbe

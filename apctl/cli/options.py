@@ -39,3 +39,6 @@ SigmaScheduleOpt = typer.Option(None, "--sigma-schedule",
                                 help="Default σ list of an NFE-n sample: 'karras' (CTM's exact sampler, e.g. NFE 2 = "
                                      "80 → 2.515 → 0.002) or 'grid' (inner levels snapped to the training grid). "
                                      "Default: the run's eval.sigmas.")
+
+Weights = Literal["ema", "student", "target"]
+WeightsOpt = typer.Option("ema", "--weights", help="Which weights: the evaluation EMA, the raw student, or the target θ⁻.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -13,8 +13,9 @@ from apctl.errors import ApctlError
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Estimate, plot and inspect Analytic-Precond's statistics l_σ, s_σ and coefficients f, g.")
 
-GridOpt = typer.Option(18, "--grid", help="Karras grid size N for the comparison (18: CIFAR-10/FFHQ, 40: ImageNet).")
-FormOpt = typer.Option("backward", "--form", help="backward (recommended) or forward.")
+GridOpt = typer.Option(18, "--grid", min=2, help="Karras grid size N for the comparison (18: CIFAR-10/FFHQ, 40: ImageNet).")
+Form = Literal["backward", "forward"]
+FormOpt = typer.Option("backward", "--form", help="Analytic-Precond's form: backward (recommended) or forward.")
 
 
 @app.callback()
@@ -62,45 +63,34 @@ def plot(
     stats_file: Path = typer.Argument(..., metavar="STATS", help="Statistics file from `apctl precond compute`."),
     output: Path = typer.Option(..., "--output", "-o", help="Figure to write (.png, .pdf or .svg)."),
     grid: int = GridOpt,
-    form: str = FormOpt,
+    form: Form = FormOpt,
 ) -> None:
     """Plot l_σ, s_σ and f, g against CTM's and CM's.
 
     Panels: l_σ, s_σ, and the coefficients g(σ_max, s), f(σ_max, s) against CTM's and CM's."""
     if output.suffix not in (".png", ".pdf", ".svg"):
         raise ApctlError(f"--output must end in .png, .pdf or .svg, got {output}")
-    if grid < 2:
-        raise ApctlError(f"--grid must be at least 2, got {grid}")
     from apctl.cli.ui import console
     from apctl.preconditioning.report import plot_coefficients
     from apctl.preconditioning.statistics import load_statistics
     from apctl.schedules import karras_sigmas
 
     stats = load_statistics(stats_file)
-    _check_form(form)
     output.parent.mkdir(parents=True, exist_ok=True)
     plot_coefficients(stats, output, karras_sigmas(grid), form)
     console.print(f"figure → {output}")
-
-
-def _check_form(form: str) -> None:
-    if form not in ("backward", "forward"):
-        raise ApctlError(f"--form must be backward or forward, got {form!r}")
 
 
 @app.command("inspect")
 def inspect(
     stats_file: Path = typer.Argument(..., metavar="STATS", help="Statistics file from `apctl precond compute`."),
     grid: int = GridOpt,
-    form: str = FormOpt,
+    form: Form = FormOpt,
 ) -> None:
     """Print l, s and f, g against CTM's and CM's on the grid.
 
     A table over the Karras grid: l, s, and (f, g) of the single jump t → σ_min and of σ_max → t,
     for Analytic-Precond, CTM and CM."""
-    if grid < 2:
-        raise ApctlError(f"--grid must be at least 2, got {grid}")
-    _check_form(form)
     from rich.table import Table
 
     from apctl.cli.ui import console

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt
+from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, Weights, WeightsOpt
 from apctl.errors import ApctlError
 
 
@@ -23,11 +23,11 @@ def sample(
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz (samples, labels, sigmas); a .png grid/scatter is written beside it."),
     nfe: int = typer.Option(2, "--nfe", "-n", help="Network evaluations: default σ list = Karras schedule of NFE+1 levels (snapped to the training grid unless the run's eval.sigmas = 'karras')."),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Explicit decreasing σ list, e.g. 80,0.8,0.002 (overrides --nfe)."),
-    count: int = typer.Option(64, "--n", help="How many samples."),
+    count: int = typer.Option(64, "--n", min=1, help="How many samples."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
-    gamma: float = typer.Option(0.0, "--gamma", help="CTM γ: 0 deterministic jumps, 1 CM-style re-noising."),
+    gamma: float = typer.Option(0.0, "--gamma", min=0.0, max=1.0, help="CTM γ: 0 deterministic jumps, 1 CM-style re-noising."),
     label: Optional[int] = typer.Option(None, "--label", help="Class for all samples (class-conditional students; default: cycle over classes)."),
-    weights: str = typer.Option("ema", "--weights", help="Which weights: ema, student or target."),
+    weights: Weights = WeightsOpt,
     teacher_steps: int = typer.Option(0, "--teacher-steps", help="Sample the teacher's Heun ODE with this many steps instead (reference)."),
     device: str = DeviceOpt,
     sigma_schedule: Optional[SigmaSchedule] = SigmaScheduleOpt,
@@ -38,10 +38,6 @@ def sample(
     """
     if out.suffix != ".npz":
         raise ApctlError(f"--out must end in .npz, got {out}")
-    if count < 1:
-        raise ApctlError(f"--n must be at least 1, got {count}")
-    if weights not in ("ema", "student", "target"):
-        raise ApctlError(f"--weights must be ema, student or target, got {weights!r}")
     if teacher_steps < 0 or teacher_steps == 1:
         raise ApctlError("--teacher-steps must be 0 (use the student) or at least 2")
     import numpy as np
@@ -78,7 +74,10 @@ def sample(
     arrays = {"samples": x.numpy(), "sigmas": np.asarray(sigma_list)}
     if labels is not None:
         arrays["labels"] = labels.argmax(1).numpy()
-    np.savez(out, **arrays)
+    from apctl.files import atomic_path
+
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:     # a file object: np.savez adds no suffix to it
+        np.savez(f, **arrays)
     png = out.with_suffix(".png")
     plot_samples(x.numpy(), png, title=what)
     console.print(f"{count} samples ({what}) → {out} and {png}")

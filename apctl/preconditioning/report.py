@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apctl.files import atomic_path
 from apctl.preconditioning.coefficients import AnalyticPrecond, CMPrecond, CTMPrecond
 from apctl.preconditioning.statistics import PrecondStatistics
 
@@ -63,5 +64,6 @@ def plot_coefficients(stats: PrecondStatistics, path: str | Path, grid: np.ndarr
     axes[1, 0].legend()
     fig.suptitle(f"Analytic-Precond ({form} form), teacher {stats.teacher_fingerprint}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a file object: matplotlib adds no suffix
+        fig.savefig(f, format=Path(path).suffix[1:] or "png", dpi=100)
     plt.close(fig)
