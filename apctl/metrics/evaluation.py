@@ -19,7 +19,7 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
     With `fid_reference` ("teacher": the probe's teacher-ODE samples; or an EDM-style .npz of
     Inception statistics), image students also get the FID of their samples against it.
     The student samples on its own device (the probe's CPU noise and labels are moved there, batch by
-    batch); the samples come back to the CPU for the metrics.
+    batch), and FID's Inception network runs there too; samples and features come back to the CPU.
     """
     device = next(net.parameters()).device
     if fid_reference is not None:
@@ -28,7 +28,7 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
         if len(probe.z.shape) != 4:
             raise ApctlError("FID needs an image student (C, H, W samples)")
         if fid_reference == "teacher":
-            fid_reference = compute_reference_stats(probe.reference, weights_path=inception_weights)
+            fid_reference = compute_reference_stats(probe.reference, weights_path=inception_weights, device=device)
     out = {}
     for nfe in nfes:
         sigmas = default_sigmas(nfe, grid, schedule)
@@ -43,7 +43,8 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
         if fid_reference is not None:
             from apctl.metrics.fid import compute_fid
 
-            out[f"nfe={nfe}"]["fid"] = compute_fid(samples.clamp(-1, 1), fid_reference, inception_weights)["fid"]
+            out[f"nfe={nfe}"]["fid"] = compute_fid(samples.clamp(-1, 1), fid_reference, inception_weights,
+                                                   device=device)["fid"]
     return out
 
 

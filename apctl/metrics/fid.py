@@ -113,12 +113,13 @@ def load_reference_stats(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def compute_reference_stats(images: Any, out_path: str | os.PathLike | None = None,
-                            weights_path: str | os.PathLike | None = None, batch_size: int = 16) -> dict[str, Any]:
+                            weights_path: str | os.PathLike | None = None, batch_size: int = 16,
+                            device: Any = "cpu") -> dict[str, Any]:
     """μ, Σ of the images' Inception pool3 features; written to `out_path` (EDM .npz layout) if given.
 
     Returns {'mu', 'sigma', 'num_images', 'weights_source', 'path' (the .npz or None)}.
     """
-    net = load_inception(weights_path)
+    net = load_inception(weights_path, device)
     feats = net.features(images, batch_size)["2048"]
     if len(feats) < 2:
         raise ApctlError(f"reference statistics need at least 2 images, got {len(feats)}")
@@ -130,7 +131,7 @@ def compute_reference_stats(images: Any, out_path: str | os.PathLike | None = No
 
 def compute_fid(images: Any, reference: str | os.PathLike | Mapping[str, np.ndarray] | Any,
                 weights_path: str | os.PathLike | None = None, batch_size: int = 16,
-                with_inception_score: bool = False, isc_splits: int = 10) -> dict[str, Any]:
+                with_inception_score: bool = False, isc_splits: int = 10, device: Any = "cpu") -> dict[str, Any]:
     """FID between `images` and `reference`.
 
     images: (N, C, H, W) or (N, H, W, C), uint8 0..255 or float in [-1, 1] (see `to_uint8_nchw`).
@@ -140,7 +141,7 @@ def compute_fid(images: Any, reference: str | os.PathLike | Mapping[str, np.ndar
     'weights_path', 'metrics_available', 'notes'}, plus 'inception_score_mean/std' when
     `with_inception_score` and the weights carry logits (otherwise the notes say why not).
     """
-    net = load_inception(weights_path)
+    net = load_inception(weights_path, device)
     feats = net.features(images, batch_size)
     notes = list(net.notes)
 

@@ -64,6 +64,7 @@ class InceptionNet:
     source: str
     path: str
     has_logits: bool
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def notes(self) -> list[str]:
@@ -78,9 +79,9 @@ class InceptionNet:
         chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
         n = len(images)
         for start in range(0, n, batch_size):
-            batch = to_uint8_nchw(images[start : start + batch_size])
+            batch = to_uint8_nchw(images[start : start + batch_size]).to(self.device)
             for name, out in zip(names, self.extractor(batch)):
-                chunks[name].append(out.to(torch.float64).numpy())
+                chunks[name].append(out.to(device="cpu", dtype=torch.float64).numpy())
         if n == 0:
             raise ApctlError("no images given to the Inception network")
         return {name: np.concatenate(parts) for name, parts in chunks.items()}
@@ -90,18 +91,21 @@ _NET_CACHE: dict[tuple, InceptionNet] = {}
 
 
 
-def load_inception(weights_path: str | os.PathLike | None = None) -> InceptionNet:
-    """The Inception feature extractor (CPU, eval, frozen), reused while its weights file is unchanged."""
+def load_inception(weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> InceptionNet:
+    """The Inception feature extractor (eval, frozen) on `device`, reused while its weights file is unchanged;
+    features come back to the CPU as float64."""
+    device = torch.device(device)
     candidate = inception_weights_file(weights_path)
     key = None
     if candidate is not None and candidate.is_file():
         st = candidate.stat()
-        key = (str(candidate.resolve()), st.st_size, st.st_mtime_ns)
+        key = (str(candidate.resolve()), st.st_size, st.st_mtime_ns, str(device))
         if key in _NET_CACHE:
             return _NET_CACHE[key]
     weights = find_inception_weights(weights_path)
     features_list = ["2048", "logits_unbiased"] if weights.has_logits else ["2048"]
-    net = InceptionNet(new_extractor(features_list, weights.state_dict), weights.source, weights.path, weights.has_logits)
+    net = InceptionNet(new_extractor(features_list, weights.state_dict).to(device), weights.source, weights.path,
+                       weights.has_logits, device)
     if key is not None:
         _NET_CACHE.clear()  # one network (~95 MB) at a time is enough
         _NET_CACHE[key] = net
