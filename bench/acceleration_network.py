@@ -27,8 +27,9 @@ ddof = 0) over seeds; the speed-up = iterations the baseline (CTM's / CM's coeff
 its own final 2-step (1-step, 4-step) RMS ÷ iterations Analytic-Precond needs for that value, on the
 seed-mean curves and per seed (> 1 = Analytic-Precond faster; resolution = eval_every). The paper:
 CTM 2–3× at 2 steps, ≈ 1× at 1 step; CD about equal. Caveat: every multi-step figure samples
-with CTM's γ = 0 jumps; CM's coefficients do not depend on s (a CM student always jumps to σ_min),
-so the CD pair is like-for-like only at NFE 1 (its 2-/4-step rows are printed but not comparable). Also written: <out>/acceleration_digits_net.json
+with CTM's γ = 0 jumps; a CD student is trained only for jumps to σ_min, so its intermediate jumps are
+whatever the initial (teacher) denoiser gives with each coefficient choice, and the CD pair is
+like-for-like only at NFE 1 (its 2-/4-step rows are printed but not comparable). Also written: <out>/acceleration_digits_net.json
 (everything) and <out>/acceleration_digits_net.png (one panel per NFE, seed-mean with min–max band).
 
     python bench/acceleration_network.py --set teacher.file="/work/main/teachers/digits-teacher.safetensors"
@@ -357,8 +358,8 @@ def markdown(summaries: list[dict], results: list[dict], prep: list[dict], wall:
             lines.append(f"| {s['objective'].upper()} | {n} | {r['target']:.4f} | {r['baseline_steps']} → {r['candidate_steps']} | "
                          f"{format_ratio(r['ratio'])} | {', '.join(map(format_ratio, r['per_seed']))} |")
     if any(x["objective"] == "cd" for x in summaries):
-        lines += ["", "CD: compare at NFE 1 only — the γ = 0 multi-step sampler is not defined for CM's "
-                  "s-independent coefficients, so CM's 2-/4-step RMS, FID and speed-ups are not like-for-like."]
+        lines += ["", "CD: compare at NFE 1 only — a CD student is trained only for jumps to σ_min, so its γ = 0 "
+                  "multi-step RMS, FID and speed-ups are not like-for-like."]
     per_it = [r["seconds_per_iteration"] for r in results]
     fid_s = [r["final_fid"][f"fid_seconds_nfe{n}"] for r in results for n in FID_NFES if with_fid]
     fid_time = (f"one FID evaluation ({results[0]['fid_samples']} samples, Inception features + 2 Fréchet distances) "
