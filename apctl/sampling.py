@@ -91,6 +91,15 @@ def default_sigmas(nfe: int, grid: np.ndarray | None = None, schedule: str = "gr
     return [float(s) for s in sigmas]
 
 
+def class_labels(n: int, label_dim: int, label: int | None = None) -> torch.Tensor | None:
+    """One-hot labels (n, label_dim) on the CPU: every sample of class `label`, or classes cycling 0, 1, …;
+    None for an unconditional student (label_dim = 0)."""
+    if not label_dim:
+        return None
+    classes = torch.full((n,), label) if label is not None else torch.arange(n) % label_dim
+    return torch.nn.functional.one_hot(classes, label_dim).float()
+
+
 def check_sigmas(sigmas: Sequence[float]) -> list[float]:
     sigmas = [float(s) for s in sigmas]
     if len(sigmas) < 2:

@@ -81,11 +81,9 @@ def fid_noise(n: int, shape, label_dim: int, seed: int):
     """The fixed FID noise: z ~ N(0, I) from `seed`, classes cycling 0..label_dim−1 (one-hot)."""
     import torch
 
-    z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-    labels = None
-    if label_dim:
-        labels = torch.nn.functional.one_hot(torch.arange(n) % label_dim, label_dim).float()
-    return z, labels
+    from apctl.sampling import class_labels
+
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)), class_labels(n, label_dim)
 
 
 def teacher_edm_samples(teacher, z, labels, steps: int = 18, batch: int = 256, device="cpu"):

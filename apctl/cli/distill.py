@@ -49,13 +49,13 @@ def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optiona
         console.print(table)
         return
 
-    from apctl.cli.ui import DistillReporter, ProgressCallback
+    from apctl.cli.ui import TrainingReporter, ProgressCallback
     from apctl.training import distributed
     from apctl.training.run import alignment_probe, finish, prepare, train
 
     distributed.init()
     try:
-        reporter = DistillReporter(command)
+        reporter = TrainingReporter(command)
         if not distributed.is_main():
             from apctl.training.run import SilentReporter
 

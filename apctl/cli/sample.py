@@ -45,7 +45,7 @@ def sample(
 
     from apctl.cli.ui import ProgressCallback, console
     from apctl.plots import plot_samples
-    from apctl.sampling import check_sigmas, default_sigmas, student_sample, teacher_sample
+    from apctl.sampling import check_sigmas, class_labels, default_sigmas, student_sample, teacher_sample
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
@@ -58,8 +58,7 @@ def sample(
     if trained.label_dim:
         if label is not None and not 0 <= label < trained.label_dim:
             raise ApctlError(f"--label must be in 0…{trained.label_dim - 1}, got {label}")
-        classes = torch.full((count,), label) if label is not None else torch.arange(count) % trained.label_dim
-        labels = torch.nn.functional.one_hot(classes, trained.label_dim).float()
+        labels = class_labels(count, trained.label_dim, label)
     elif label is not None:
         raise ApctlError("--label given, but this student is unconditional")
     if teacher_steps:

@@ -103,8 +103,8 @@ class ProgressCallback:
             self.phase = None
 
 
-class DistillReporter:
-    """The training reporter: progress with loss (averaged over the logging interval), it/s and the
+class TrainingReporter:
+    """The reporter of `apctl distill` and `apctl teacher train`: progress with loss (averaged over the logging interval), it/s and the
     alignment probe; the engine's messages printed above it (timestamped off a terminal)."""
 
     def __init__(self, phase: str = "distill"):

@@ -31,6 +31,7 @@ def to_uint8_nchw(images: Any) -> torch.Tensor:
     is not), with 1 (repeated to RGB) or 3 channels. uint8 is taken as 0..255; floats as [-1, 1]
     and quantised like EDM's sampler: clip(x·127.5 + 128, 0, 255), truncated.
     """
+    # Converted on the CPU (uint8, any input layout); InceptionNet.features moves each batch to its device.
     x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images.detach().cpu()
     if x.ndim == 3:
         x = x[None]

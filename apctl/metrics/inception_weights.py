@@ -211,6 +211,7 @@ def fid_helper_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{conv.stride}, {conv.padding}"
             )
         c = w.shape[0]
+        # A state dict on the CPU, like every loaded file: load_inception moves the network afterwards.
         out[f"{name}.conv.weight"] = w
         out[f"{name}.bn.weight"] = torch.ones(c)
         out[f"{name}.bn.bias"] = layer["beta"].reshape(c)

@@ -98,8 +98,6 @@ def _unwrap(net: nn.Module) -> nn.Module:
 
 
 class _GridObjective:
-    distills = True       # needs a teacher, a target network θ⁻ and a preconditioning
-
     def __init__(self, teacher, precond, grid: np.ndarray, distance: nn.Module):
         self.teacher = teacher
         self.precond = precond
@@ -118,15 +116,18 @@ class _GridObjective:
         return self.teacher(x.to(self.teacher.dtype), sigma.to(self.teacher.dtype), labels).to(x.dtype)
 
     @torch.no_grad()
-    def teacher_steps(self, x: torch.Tensor, start: torch.Tensor, steps: torch.Tensor, k_max: int, labels) -> torch.Tensor:
+    def teacher_steps(self, x: torch.Tensor, start: torch.Tensor, steps: torch.Tensor | None, k_max: int, labels) -> torch.Tensor:
         """Per sample, `steps[b]` Heun steps along the grid from index `start[b]` (device tensors);
-        `k_max` = max(steps) is a host integer. Rows that are done keep their value (a mask, no gather)."""
+        `k_max` = max(steps) is a host integer. Rows that are done keep their value (a mask, no gather);
+        `steps = None` means every row takes k_max steps (CTM's law), and no mask is needed."""
         for m in range(k_max):
             a = torch.clamp(start + m, max=self.last)
             b = torch.clamp(start + m + 1, max=self.last)
             stepped = heun_step(self._teacher, x, self.table.sigma[a].to(x.dtype), self.table.sigma[b].to(x.dtype), labels)
-            active = (steps > m).view((-1,) + (1,) * (x.dim() - 1))
-            x = torch.where(active, stepped, x)
+            if steps is None:
+                x = stepped
+            else:
+                x = torch.where((steps > m).view((-1,) + (1,) * (x.dim() - 1)), stepped, x)
         return x
 
     def to_sigma_min(self, net, x, s_index, labels):
@@ -161,7 +162,7 @@ class CTMObjective(_GridObjective):
                           for v in self.sample_indices(B, gen, shared_gen))
         eps = torch.randn(x0.shape, generator=gen).to(x0)
         x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
-        x_u = self.teacher_steps(x_t, i, k, k_max, labels)
+        x_u = self.teacher_steps(x_t, i, k if self.teacher_steps_law == "uniform" else None, k_max, labels)
 
         inner = jump_on_grid(self.table, student, x_t, i, j, labels)
         estimate = self.to_sigma_min(target, inner, j, labels)
@@ -194,7 +195,7 @@ class CDObjective(_GridObjective):
         i = torch.randint(0, len(self.grid) - 1, (B,), generator=gen).to(device, non_blocking=True)
         eps = torch.randn(x0.shape, generator=gen).to(x0)
         x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
-        x_u = self.teacher_steps(x_t, i, torch.ones_like(i), 1, labels)
+        x_u = self.teacher_steps(x_t, i, None, 1, labels)
         estimate = self.to_sigma_min(student, x_t, i, labels)
         with torch.no_grad():
             goal = self.to_sigma_min(target, x_u, i + 1, labels)

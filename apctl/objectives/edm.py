@@ -18,7 +18,6 @@ from apctl.schedules import SIGMA_DATA
 
 class EDMObjective:
     name = "edm"
-    distills = False      # trains a denoiser from data: no teacher, target network or preconditioning
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = SIGMA_DATA):
         self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data

@@ -285,7 +285,9 @@ def alignment_probe(run: Run, progress=None):
     ODE on fixed noise (`[eval]` seed, at most 1,024 samples); None when `training.eval_every` = 0."""
     from apctl.metrics.evaluation import training_probe
 
-    if not run.cfg.training.eval_every or run.target is None:
+    from apctl.objectives import distills
+
+    if not run.cfg.training.eval_every or not distills(run.cfg.objective):
         return None
     e = run.cfg.eval
     return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
@@ -295,13 +297,11 @@ def alignment_probe(run: Run, progress=None):
 @torch.no_grad()
 def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np.ndarray | None]:
     """`nfe`-step samples of the evaluation EMA and, for exact teachers, exact teacher samples."""
-    from apctl.sampling import default_sigmas, student_sample
+    from apctl.sampling import class_labels, default_sigmas, student_sample
 
     gen = torch.Generator().manual_seed(run.cfg.eval.seed)
     z = torch.randn((n, *run.teacher.shape), generator=gen)
-    labels = None
-    if run.data_source.label_dim:
-        labels = torch.nn.functional.one_hot(torch.arange(n) % run.data_source.label_dim, run.data_source.label_dim).float()
+    labels = class_labels(n, run.data_source.label_dim)
     samples = student_sample(run.ema, run.precond, z.to(run.device), default_sigmas(nfe, run.objective.grid.numpy(), run.cfg.eval.sigmas),
                              None if labels is None else labels.to(run.device))
     reference = run.teacher.sample(n, gen).float().cpu().numpy() if run.teacher.exact else None
@@ -331,15 +331,13 @@ def export_teacher(run: Run) -> Path:
 def teacher_samples(run: Run, n: int = 100, steps: int = 18) -> np.ndarray:
     """EDM's deterministic sampler on the evaluation-EMA denoiser: `steps` Karras levels then σ = 0,
     2·steps − 1 evaluations (35 for 18); classes cycle when conditional."""
-    from apctl.sampling import heun_solve
+    from apctl.sampling import class_labels, heun_solve
     from apctl.schedules import karras_sigmas
 
     gen = torch.Generator().manual_seed(run.cfg.eval.seed)
     z = torch.randn((n, *run.data_source.shape), generator=gen).to(run.device)
-    labels = None
-    if run.data_source.label_dim:
-        labels = torch.nn.functional.one_hot(torch.arange(n) % run.data_source.label_dim,
-                                             run.data_source.label_dim).float().to(run.device)
+    labels = class_labels(n, run.data_source.label_dim)
+    labels = None if labels is None else labels.to(run.device)
     sigmas = karras_sigmas(steps).tolist() + [0.0]
     return heun_solve(run.ema, z * sigmas[0], sigmas, labels).cpu().numpy()
 
@@ -348,7 +346,9 @@ def finish(run: Run) -> list[str]:
     """Write samples.png (and, for teacher training, the teacher file) and return summary lines."""
     from apctl.plots import plot_samples
 
-    if run.target is None:       # teacher training: export the EMA denoiser and show its EDM samples
+    from apctl.objectives import distills
+
+    if not distills(run.cfg.objective):    # teacher training: export the EMA denoiser, show its EDM samples
         weights = export_teacher(run)
         path = run.run_dir / "samples.png"
         plot_samples(teacher_samples(run), path, title=f"{run.cfg.run.name}: EDM sampler, 35 NFE, step {run.step}")

@@ -23,23 +23,26 @@ import torch
 from apctl.training.ema import ema_update
 
 
+def _seed(*words: int) -> int:
+    """A 64-bit seed from a word sequence, independent across different sequences (NumPy's SeedSequence)."""
+    entropy = np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32)
+    return int(entropy[0]) << 32 | int(entropy[1])
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The generator of one training step: independent across (seed, rank, step), reproducible."""
-    entropy = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+    return torch.Generator().manual_seed(_seed(seed, rank, step))
 
 
 def seed_global_rng(seed: int, rank: int, step: int) -> None:
     """Seed torch's global generators (CPU and every GPU) for step `step`: dropout draws from them, so
     seeding per step keeps a resumed run bit-identical to an uninterrupted one in train mode too."""
-    entropy = np.random.SeedSequence([seed, rank, step, 1]).generate_state(2, dtype=np.uint32)
-    torch.manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+    torch.manual_seed(_seed(seed, rank, step, 1))
 
 
 def shared_generator(seed: int, step: int) -> torch.Generator:
     """The generator of draws every rank must agree on in step `step` (e.g. CTM's one k per step)."""
-    entropy = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+    return torch.Generator().manual_seed(_seed(seed, step))
 
 
 def autocast(precision: str, device: torch.device):
