@@ -140,7 +140,7 @@ def figure_samples_2d(samples: np.ndarray, reference: np.ndarray | None = None, 
     (drawn first, in orange, so the samples lie on top); equal aspect and one square window holding
     both series; a legend with each series' count."""
     samples = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
-    fig = new_figure(6, 6.2)
+    fig = new_figure(6, 6.6)
     ax = fig.subplots()
     series = []
     if reference is not None:
@@ -162,7 +162,8 @@ def figure_samples_2d(samples: np.ndarray, reference: np.ndarray | None = None, 
     ax.set_xlabel("x₁")
     ax.set_ylabel("x₂")
     ax.grid(alpha=0.25)
-    ax.legend(loc="upper right", markerscale=3, framealpha=0.9)
+    # Below the axes, so the legend never hides a mode.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, markerscale=3, frameon=False, fontsize=9)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
