@@ -67,7 +67,8 @@ def plot(
 ) -> None:
     """Plot l_σ, s_σ and f, g against CTM's and CM's.
 
-    Panels: l_σ, s_σ, and the coefficients g(σ_max, s), f(σ_max, s) against CTM's and CM's."""
+    Panels: l_σ, s_σ, and the coefficients g(σ_max, s), f(σ_max, s) against CTM's and CM's; titled
+    with the teacher the statistics file records (source and fingerprint)."""
     if output.suffix not in (".png", ".pdf", ".svg"):
         raise ApctlError(f"--output must end in .png, .pdf or .svg, got {output}")
     from apctl.cli.ui import console
@@ -77,7 +78,7 @@ def plot(
 
     stats = load_statistics(stats_file)
     output.parent.mkdir(parents=True, exist_ok=True)
-    plot_coefficients(stats, output, karras_sigmas(grid), form)
+    plot_coefficients(stats, output, karras_sigmas(grid), form, stats_file.name)
     console.print(f"figure → {output}")
 
 

@@ -18,6 +18,22 @@ def _parse_floats(text: str, what: str) -> list[float]:
         raise ApctlError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _teacher_reference(trained, count: int, labels, gen, device):
+    """(samples, legend text) of the teacher for a 2-D picture: exact draws when it has them, else its
+    ODE with the run's `eval.teacher_steps` Heun steps, on the student's classes."""
+    import torch
+
+    from apctl.sampling import teacher_sample
+
+    teacher = trained.teacher().to(device)
+    if teacher.exact:
+        classes = None if labels is None else labels.argmax(1)
+        return teacher.sample(count, gen, labels=classes).cpu().numpy(), "teacher (exact samples)"
+    steps = trained.cfg.eval.teacher_steps
+    z = torch.randn((count, *trained.shape), generator=gen)
+    return teacher_sample(teacher, z, steps, labels).numpy(), f"teacher ODE ({steps} Heun steps)"
+
+
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz (samples, labels, sigmas); a .png grid/scatter is written beside it."),
@@ -78,5 +94,13 @@ def sample(
     with atomic_path(out) as tmp, open(tmp, "wb") as f:     # a file object: np.savez adds no suffix to it
         np.savez(f, **arrays)
     png = out.with_suffix(".png")
-    plot_samples(x.numpy(), png, title=what)
+    name = trained.cfg.run.name
+    title = f"{name}: {what}" if teacher_steps else f"{name}: {weights} weights, step {trained.checkpoint.step}\n{what}"
+    if len(trained.shape) == 3:
+        plot_samples(x.numpy(), png, title=title, labels=arrays.get("labels"))
+    else:   # 2-D: the teacher's samples on the same axes (drawn after the student's, so these are unchanged)
+        reference, reference_label = _teacher_reference(trained, count, labels, gen, dev)
+        plot_samples(x.numpy(), png, reference, title=title, reference_label=reference_label,
+                     sample_label=f"teacher ODE ({teacher_steps} Heun steps)" if teacher_steps
+                     else f"student ({len(sigma_list) - 1} NFE)")
     console.print(f"{count} samples ({what}) → {out} and {png}")

@@ -44,7 +44,9 @@ def compute_statistics(cfg: StatisticsConfig, teacher, data_source,
                        progress: Callable[[int, int], None] | None = None) -> PrecondStatistics:
     settings = statistics_settings(cfg)
     x0, labels = statistics_samples(cfg, teacher, data_source, settings.n_samples)
-    return estimate_statistics(teacher, x0, labels, settings, teacher.fingerprint(), progress)
+    stats = estimate_statistics(teacher, x0, labels, settings, teacher.fingerprint(), progress)
+    stats.extras["teacher_source"] = teacher.source     # so a figure can name the teacher, not just hash it
+    return stats
 
 
 def obtain_statistics(cfg: PrecondConfig, teacher, data_source, cache_path: Path | None,

@@ -24,6 +24,8 @@ class Teacher(Protocol):
     device     where its tensors live; `to(device)` moves them and returns the teacher
     network    the EDM network (nn.Module) a student can start from, or None for exact teachers
     exact      True when `sample` draws exact samples of its data distribution
+    source     where it came from, for people (the file it was loaded from, or the mixture's name);
+               `fingerprint()` is what identifies it
     """
 
     shape: tuple[int, ...]
@@ -31,6 +33,7 @@ class Teacher(Protocol):
     dtype: torch.dtype
     network: torch.nn.Module | None
     exact: bool
+    source: str
 
     @property
     def device(self) -> torch.device: ...

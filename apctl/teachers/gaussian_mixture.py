@@ -82,6 +82,11 @@ class GaussianMixtureTeacher:
                                                             self.log_weights[mask].exp(), shape=self.shape)
 
     # --- interface shared with network teachers -------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The mixture's name ('gmm', 'empirical-<data set>'): what a report calls this teacher."""
+        return self.name
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.denoise(x, sigma, labels)
 

@@ -24,6 +24,7 @@ from apctl.config import Config
 from apctl.presets import config_to_toml
 from apctl.errors import ApctlError
 from apctl.files import atomic_write
+from apctl.plots import write_metrics_figure
 from apctl.training import distributed
 from apctl.training.ema import frozen_copy
 from apctl.training.step import step_generator, train_step  # noqa: F401 (step_generator re-exported)
@@ -221,8 +222,10 @@ def save(run: Run, logs: dict | None = None) -> Path | None:
             "scaler": run.scaler.state_dict(), "logs": logs or {}}
     precond_state = {f"precond.{k}": v for k, v in run.precond.state_dict().items()} if run.precond else {}
     networks = {"student": run.student, "target": run.target, "ema": run.ema}
-    return save_checkpoint(run.checkpoint_dir, run.step, meta, {k: v for k, v in networks.items() if v is not None},
+    path = save_checkpoint(run.checkpoint_dir, run.step, meta, {k: v for k, v in networks.items() if v is not None},
                            run.optimizer, extra_tensors=precond_state, keep=run.cfg.training.keep_checkpoints)
+    write_metrics_figure(run.run_dir / "metrics.jsonl", title=f"{run.cfg.run.name}, step {run.step}")
+    return path
 
 
 def _log(run: Run, path: Path, logs: dict) -> None:
@@ -342,6 +345,14 @@ def teacher_samples(run: Run, n: int = 100, steps: int = 18) -> np.ndarray:
     return heun_solve(run.ema, z * sigmas[0], sigmas, labels).cpu().numpy()
 
 
+def _cycling_classes(n: int, label_dim: int) -> np.ndarray | None:
+    """The class index of each of `final_samples`/`teacher_samples`' n samples (classes cycle), or None."""
+    from apctl.sampling import class_labels
+
+    labels = class_labels(n, label_dim)
+    return None if labels is None else labels.argmax(1).numpy()
+
+
 def finish(run: Run) -> list[str]:
     """Write samples.png (and, for teacher training, the teacher file) and return summary lines."""
     from apctl.plots import plot_samples
@@ -351,13 +362,17 @@ def finish(run: Run) -> list[str]:
     if not distills(run.cfg.objective):    # teacher training: export the EMA denoiser, show its EDM samples
         weights = export_teacher(run)
         path = run.run_dir / "samples.png"
-        plot_samples(teacher_samples(run), path, title=f"{run.cfg.run.name}: EDM sampler, 35 NFE, step {run.step}")
+        plot_samples(teacher_samples(run), path, labels=_cycling_classes(100, run.data_source.label_dim),
+                     title=f"{run.cfg.run.name}: EMA denoiser, EDM sampler, 35 NFE, step {run.step}")
         return [f"run directory: {run.run_dir}", f"teacher: {weights} (use it with --teacher)",
                 f"35-NFE samples: {path}"]
     image = len(run.data_source.shape) == 3
-    samples, reference = final_samples(run, n=64 if image else 1024)
+    n = 64 if image else 1024
+    samples, reference = final_samples(run, n=n)
     path = run.run_dir / "samples.png"
-    plot_samples(samples, path, None if image else reference, title=f"{run.cfg.run.name}: 2-step samples, step {run.step}")
+    plot_samples(samples, path, None if image else reference, labels=_cycling_classes(n, run.data_source.label_dim),
+                 title=f"{run.cfg.run.name}: ema weights, 2 NFE, step {run.step}",
+                 sample_label="student (2 NFE)", reference_label="teacher (exact samples)")
     lines = [f"run directory: {run.run_dir}", f"2-step samples: {path}"]
     last = next((h for h in reversed(run.history) if "align_nfe2" in h), None)
     if last:
