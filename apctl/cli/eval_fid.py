@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from apctl.errors import ApctlError
+
 
 def fid_table(ckpt: Path, nfes: list[int], count: Optional[int], fid: str, with_teacher: bool, edm_steps: Optional[int],
               gamma: float, weights: str, inception_weights: Optional[Path], as_json: bool, device: str,
@@ -27,8 +29,6 @@ def fid_table(ckpt: Path, nfes: list[int], count: Optional[int], fid: str, with_
         dev = resolve_device(device, "--device")
         trained = load_trained_student(ckpt, weights, dev)
         if len(trained.shape) != 3:
-            from apctl.errors import ApctlError
-
             raise ApctlError("FID needs an image student (C, H, W samples); this run's samples are vectors")
         # Everything that can fail on a file is read before any image is made.
         reference = None if fid == "teacher" else reference_record(fid)
