@@ -33,7 +33,7 @@ def student_rows(trained, nfes: Sequence[int], n: int, reference: dict, detector
                  progress: Callable[[str], Callable[[int, int], None]] | None = None) -> list[dict | None]:
     """One scored row per NFE for a `TrainedStudent`; `progress(label)` makes each row's progress callback."""
     cache_root = cache_root or run_dir_of(trained.checkpoint.path) / "fid-cache"
-    identity = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,
+    identity = {"checkpoint": str(Path(trained.checkpoint.path).resolve()), "step": trained.checkpoint.step,
                 "weights_sha256": weights_digest(trained.net)}
     rows = []
     for nfe in nfes:
