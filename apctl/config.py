@@ -194,19 +194,25 @@ class TrainingConfig:
     eval_every: int = field(default=0, metadata=_range(0))
     checkpoint_every: int = field(default=500, metadata=_range(1))
     keep_checkpoints: int = field(default=2, metadata=_range(1))
+    # EMA-only snapshots every this many iterations for curves over training (0 = off); never pruned
+    snapshot_every: int = field(default=0, metadata=_range(0))
 
 
 @dataclass
 class EvalConfig:
     """Evaluation defaults. `sigmas` is the default σ list of an NFE-n student sample: "karras" is CTM's
     `exact` sampler (n + 1 Karras levels, e.g. NFE 2: 80 → 2.515 → 0.002); "grid" snaps the inner
-    levels to the training grid."""
+    levels to the training grid. `fid_samples` is the image count of `apctl eval --fid` (EDM's protocol;
+    50,000 in the paper presets), `edm_steps` the levels of EDM's sampler for the teacher's row
+    (2·edm_steps − 1 NFE: 18 for CIFAR-10, 40 for FFHQ, 256 for ImageNet-64)."""
 
     sigmas: str = field(default="grid", metadata=_choice("grid", "karras"))
     n_samples: int = field(default=2048, metadata=_range(1))
     teacher_steps: int = field(default=256, metadata=_range(2))
     nfe: list = field(default_factory=lambda: [1, 2, 4])
     seed: int = 12345
+    fid_samples: int = field(default=512, metadata=_range(2))
+    edm_steps: int = field(default=18, metadata=_range(2))
 
 
 @dataclass

@@ -113,10 +113,12 @@ def check_sigmas(sigmas: Sequence[float]) -> list[float]:
 
 @torch.no_grad()
 def student_sample(net, precond, z: torch.Tensor, sigmas: Sequence[float], labels: torch.Tensor | None = None,
-                   gamma: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                   gamma: float = 0.0, generator: torch.Generator | None = None,
+                   noise: Callable[[torch.Size], torch.Tensor] | None = None) -> torch.Tensor:
     """CTM γ-sampling from unit noise z (B, *shape) along `sigmas` (see module docstring), on z's device
     (the student's). The times are host values: they stay on the CPU for the coefficients and reach
-    the network on the device; re-noising is drawn from `generator` (CPU) and moved there."""
+    the network on the device; re-noising is drawn from `generator` (CPU) and moved there, or taken from
+    `noise(shape)` when given (per-image seeded draws, `apctl.generation.SeedGenerators.randn`)."""
     if not 0.0 <= gamma <= 1.0:
         raise ApctlError(f"gamma must lie in [0, 1], got {gamma}")
     sigmas = check_sigmas(sigmas)
@@ -130,7 +132,8 @@ def student_sample(net, precond, z: torch.Tensor, sigmas: Sequence[float], label
         x = jump(precond, net, x, t_b, s_b, labels)
         renoise = math.sqrt(max(nxt ** 2 - s ** 2, 0.0))
         if renoise > 0:
-            x = x + renoise * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            xi = noise(x.shape) if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            x = x + renoise * xi.to(device=x.device, dtype=x.dtype)
     return x
 
 

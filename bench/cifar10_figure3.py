@@ -3,11 +3,10 @@ Analytic-Precond against CTM's own coefficients.
 
 Two runs of preset `cifar10-cond` that differ only in `precond.kind` ("analytic" | "ctm"), trained
 with torchrun on G GPUs, checkpointing every K iterations and keeping every checkpoint; afterwards
-`apctl eval --fid REF.npz` scores every checkpoint's evaluation EMA at NFE 1 and 2 (the FID samples
-are `--fid-n` fixed-noise student samples; `apctl eval` also solves the teacher ODE for the same
-noise, for the alignment RMS it reports alongside). Collected: <out>/figure3.csv with
-(variant, iteration, nfe, fid, alignment_rms) and <out>/figure3.png (FID vs iteration, one panel per
-NFE). Finished evaluations already in the CSV are skipped, and `apctl distill` resumes, so the script
+`apctl eval --fid REF.npz` scores every checkpoint's evaluation EMA at NFE 1 and 2 under EDM's
+protocol (`--fid-n` images, image i from seed i; features cached in the run directory). Collected:
+<out>/figure3.csv with (variant, iteration, nfe, fid) and <out>/figure3.png (FID vs iteration, one
+panel per NFE). (`training.snapshot_every` with `apctl eval curve` does the same from EMA snapshots.) Finished evaluations already in the CSV are skipped, and `apctl distill` resumes, so the script
 can be re-run after an interruption. The paper: Analytic-Precond reaches CTM's 2-step FID in 2–3×
 fewer iterations, ≈ 1× at 1 step.
 
@@ -28,7 +27,7 @@ from pathlib import Path
 
 PRESET = "cifar10-cond"
 VARIANTS = {"analytic": "Analytic-Precond", "ctm": "CTM's coefficients"}
-FIELDS = ("variant", "iteration", "nfe", "fid", "alignment_rms")
+FIELDS = ("variant", "iteration", "nfe", "fid")
 
 
 def checkpoint_steps(iterations: int, every: int) -> list[int]:
@@ -132,11 +131,10 @@ def main(argv: list[str] | None = None) -> None:
             report = json.loads(text.strip().splitlines()[-1])
             for n in nfes:
                 r = report["results"][f"nfe={n}"]
-                rows.append({"variant": variant, "iteration": report["step"], "nfe": n, "fid": r["fid"],
-                             "alignment_rms": r["alignment_rms"]})
+                rows.append({"variant": variant, "iteration": report["step"], "nfe": n, "fid": r["fid"]})
             out.mkdir(parents=True, exist_ok=True)
             with open(csv_path, "w", newline="") as fh:       # rewritten after every checkpoint: resumable
-                w = csv.DictWriter(fh, FIELDS)
+                w = csv.DictWriter(fh, FIELDS, extrasaction="ignore")   # older CSVs had alignment_rms
                 w.writeheader()
                 w.writerows(rows)
             print(f"{variant} @ {report['step']}: " + ", ".join(f"FID{n} {report['results'][f'nfe={n}']['fid']:.2f}" for n in nfes),

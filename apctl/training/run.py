@@ -27,11 +27,12 @@ from apctl.files import atomic_write
 from apctl.plots import write_metrics_figure
 from apctl.training import distributed
 from apctl.training.ema import frozen_copy
+from apctl.training.snapshots import save_snapshot
 from apctl.training.step import step_generator, train_step  # noqa: F401 (step_generator re-exported)
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("training.iterations", "training.log_every", "training.checkpoint_every",
-                     "training.keep_checkpoints", "training.eval_every", "eval.")
+                     "training.keep_checkpoints", "training.eval_every", "training.snapshot_every", "eval.")
 
 
 class Reporter(Protocol):
@@ -278,6 +279,7 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
         reporter.step(run.step, logs)
         if run.step % tc.checkpoint_every == 0 and run.step < tc.iterations:
             save(run, logs)
+        save_snapshot(run)                          # EMA-only, every training.snapshot_every steps
     save(run, logs)
     reporter.finish()
     return run
