@@ -200,6 +200,10 @@ def test_snapshots_are_ema_only_kept_and_loadable(tiny_runs):
         assert torch.equal(v, final.group("ema")[k])
     trained = load_trained_student(snaps[0], "ema")
     assert trained.checkpoint.step == 2 and trained.shape == (1, 16, 16)
+    # each snapshot comes with the picture of its model (a PNG, one per snapshot step)
+    pictures = sorted(p.name for p in (run / "snapshots").glob("samples-*.png"))
+    assert pictures == ["samples-0000002.png", "samples-0000004.png"]
+    assert all((run / "snapshots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -279,7 +279,9 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
         reporter.step(run.step, logs)
         if run.step % tc.checkpoint_every == 0 and run.step < tc.iterations:
             save(run, logs)
-        save_snapshot(run)                          # EMA-only, every training.snapshot_every steps
+        snapshot = save_snapshot(run)               # EMA-only, every training.snapshot_every steps
+        if snapshot is not None:                    # with its picture, so a report can show the progression
+            write_samples_picture(run, snapshot.with_name(f"samples-{run.step:07d}.png"))
     save(run, logs)
     reporter.finish()
     return run
@@ -355,27 +357,36 @@ def _cycling_classes(n: int, label_dim: int) -> np.ndarray | None:
     return None if labels is None else labels.argmax(1).numpy()
 
 
-def finish(run: Run) -> list[str]:
-    """Write samples.png (and, for teacher training, the teacher file) and return summary lines."""
+def write_samples_picture(run: Run, path: Path) -> str:
+    """The picture of the model at `run.step`: a teacher-training run's EMA denoiser through EDM's sampler
+    (35 NFE), else the evaluation EMA's 2-step samples (2-D: with exact teacher samples overlaid); one
+    class per row when conditional. Returns what it shows, for the summary."""
+    from apctl.objectives import distills
     from apctl.plots import plot_samples
 
-    from apctl.objectives import distills
-
-    if not distills(run.cfg.objective):    # teacher training: export the EMA denoiser, show its EDM samples
-        weights = export_teacher(run)
-        path = run.run_dir / "samples.png"
+    if not distills(run.cfg.objective):
         plot_samples(teacher_samples(run), path, labels=_cycling_classes(100, run.data_source.label_dim),
                      title=f"{run.cfg.run.name}: EMA denoiser, EDM sampler, 35 NFE, step {run.step}")
-        return [f"run directory: {run.run_dir}", f"teacher: {weights} (use it with --teacher)",
-                f"35-NFE samples: {path}"]
+        return "35-NFE samples"
     image = len(run.data_source.shape) == 3
     n = 64 if image else 1024
     samples, reference = final_samples(run, n=n)
-    path = run.run_dir / "samples.png"
     plot_samples(samples, path, None if image else reference, labels=_cycling_classes(n, run.data_source.label_dim),
                  title=f"{run.cfg.run.name}: ema weights, 2 NFE, step {run.step}",
                  sample_label="student (2 NFE)", reference_label="teacher (exact samples)")
-    lines = [f"run directory: {run.run_dir}", f"2-step samples: {path}"]
+    return "2-step samples"
+
+
+def finish(run: Run) -> list[str]:
+    """Write samples.png (and, for teacher training, the teacher file) and return summary lines."""
+    from apctl.objectives import distills
+
+    path = run.run_dir / "samples.png"
+    shown = write_samples_picture(run, path)
+    if not distills(run.cfg.objective):    # teacher training: export the EMA denoiser
+        weights = export_teacher(run)
+        return [f"run directory: {run.run_dir}", f"teacher: {weights} (use it with --teacher)", f"{shown}: {path}"]
+    lines = [f"run directory: {run.run_dir}", f"{shown}: {path}"]
     last = next((h for h in reversed(run.history) if "align_nfe2" in h), None)
     if last:
         lines.append(f"alignment RMS vs teacher ODE at step {last['step']}: "

@@ -3,6 +3,7 @@
     <run>/snapshots/ckpt-NNNNNNN.safetensors   ema.*, precond.* (Analytic-Precond statistics)
     <run>/snapshots/ckpt-NNNNNNN.json          format, step, resolved config, student architecture,
                                               teacher fingerprint, "snapshot": true
+    <run>/snapshots/samples-NNNNNNN.png        its samples, drawn by the loop (`run.write_samples_picture`)
 
 The pair has the checkpoint layout (`apctl.checkpoints`, JSON written last), so
 `load_trained_student(snapshot_json, "ema")` reads it, but it has no student, θ⁻ or optimizer: a
