@@ -66,7 +66,7 @@ def test_no_arguments_shows_help():
     assert "distill" in result.output and "Usage" in result.output
 
 
-def test_help_imports_no_torch_and_is_fast(tmp_path, cli):
+def test_help_imports_no_torch(tmp_path, cli):
     # The real guard: importing the CLI, and answering every --help through main(), loads no torch.
     probe = subprocess.run([sys.executable, "-c", "import apctl.cli.main, sys; print('torch' in sys.modules)"],
                            capture_output=True, text=True, env=cli.env(), cwd=tmp_path)
@@ -87,16 +87,10 @@ def test_help_imports_no_torch_and_is_fast(tmp_path, cli):
     assert every.returncode == 0, every.stderr
     heavy = json.loads(every.stderr.strip().splitlines()[-1])
     assert "torch" not in heavy, f"--help imported {heavy}"
-    # Lenient timing (the import check above is what guards it): best of three under 2 s wall time.
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        result = cli.ok(cli(["--help"], tmp_path))
-        times.append(time.perf_counter() - start)
-        if times[-1] < 2.0:
-            break
+    # No wall-clock assertion here: timings belong in bench/ (a loaded CI machine would make it flaky);
+    # what keeps --help fast is that it loads no torch, asserted above.
+    result = cli.ok(cli(["--help"], tmp_path))
     assert "distill" in result.stdout
-    assert min(times) < 2.0, times
 
 
 def test_module_entry_point_and_exit_codes(tmp_path, cli):
