@@ -39,6 +39,7 @@ def reference_stats(work: Path, name: str, make_images, net) -> dict:
     from apctl.metrics.fid import feature_statistics, load_reference_stats, save_reference_stats
 
     path = work / "fid" / f"ref_{name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_file():
         return load_reference_stats(path)
     started = time.perf_counter()
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="student samples per FID")
     ap.add_argument("--nfe", type=int, nargs="+", default=[2])
     ap.add_argument("--fid-seed", type=int, default=2024)
+    ap.add_argument("--reference-n", type=int, default=0,
+                    help="images per reference set (default 0 = all 1,797, as the issue asks; small values for a smoke run)")
     args = ap.parse_args()
 
     import torch
@@ -105,6 +108,7 @@ def main() -> None:
     first = load_trained_student(checkpoint_points(runs[0])[0][1])
     teacher = first.teacher()
     real = load_training_data(first.cfg.data).images          # uint8 (N, 1, 16, 16): the images as trained on
+    real = real[:args.reference_n or len(real)]
     refs = {"real": reference_stats(args.work, "real", lambda: real, net)}
     zt, yt = fid_noise(len(real), first.shape, first.label_dim, args.fid_seed + 1)
     refs["teacher"] = reference_stats(args.work, "teacher", lambda: teacher_edm_samples(teacher, zt, yt).clamp(-1, 1), net)
