@@ -138,8 +138,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """The checkpoint at `path` (a run directory → its latest, a .json or a .safetensors), checked
-    (module docstring); CorruptCheckpointError names the file and what is wrong with it."""
+    """The checkpoint pair at `path` (a run directory → its latest, a .json or a .safetensors), read
+    within bounds; CorruptCheckpointError names the file that does not read. `check_checkpoint` then
+    checks its contents (module docstring); `load_checked_checkpoint` does both."""
     from safetensors.torch import load_file
 
     json_path = resolve_checkpoint(path)
@@ -152,7 +153,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         what = "an apctl teacher" if isinstance(meta, dict) and "class_name" in meta else "not an apctl student checkpoint"
         raise ApctlError(f"{json_path} is {what}; pass a run directory or a ckpt-*.json written by `apctl distill`")
-    check_meta(meta, json_path)
     weights = json_path.with_suffix(".safetensors")
     if not weights.exists():
         raise CorruptCheckpointError(f"checkpoint weights missing: {weights}")
@@ -164,8 +164,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as exc:
         raise CorruptCheckpointError(f"{weights} is not a readable safetensors file "
                                      f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    ckpt = Checkpoint(json_path, meta, tensors)
+    return Checkpoint(json_path, meta, tensors)
+
+
+def check_checkpoint(ckpt: Checkpoint) -> None:
+    """The JSON's keys, types and bounds, then the weights against the JSON (CorruptCheckpointError)."""
+    check_meta(ckpt.meta, ckpt.path)
     check_weights(ckpt)
+
+
+def load_checked_checkpoint(path: str | Path) -> Checkpoint:
+    """`load_checkpoint` then `check_checkpoint`: what resuming, sampling and evaluating use."""
+    ckpt = load_checkpoint(path)
+    check_checkpoint(ckpt)
     return ckpt
 
 
@@ -177,7 +188,7 @@ def load_latest_checkpoint(directory: Path, message: Callable[[str], None]) -> C
     failures: list[str] = []
     for json_path in reversed(found):
         try:
-            ckpt = load_checkpoint(json_path)
+            ckpt = load_checked_checkpoint(json_path)
         except CorruptCheckpointError as exc:
             failures.append(str(exc))
             message(f"checkpoint {json_path.name} is unusable ({exc}); trying the one before it")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -327,9 +328,10 @@ MAX_RUN_NAME = 128
 def _check_run_name(name: str, source: str) -> None:
     """run.name is the run directory's name inside runs/ (default --out): one plain folder name, so a
     run never writes outside runs/ (no '..', no separators, no absolute path, not empty)."""
-    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or len(name) > MAX_RUN_NAME:
+    separators = {"/", "\0", os.sep, os.altsep or "/"}
+    if not name.strip() or name in (".", "..") or any(c in name for c in separators) or len(name) > MAX_RUN_NAME:
         raise ConfigError(source, "run.name", f"must be a folder name of 1…{MAX_RUN_NAME} characters without "
-                                              f"'/', '\\' or '..' (the run directory inside runs/), got {name[:60]!r}")
+                                              f"'/' and not '..' (the run directory inside runs/), got {name[:60]!r}")
 
 
 def validate(cfg: Config, source: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apctl.checkpoints import list_checkpoints, load_checkpoint
+from apctl.checkpoints import list_checkpoints, load_checked_checkpoint
 from apctl.errors import ApctlError, RunStopped, WriteError
 from apctl.presets import load_config
 from apctl.training.run import prepare, train
@@ -218,7 +218,7 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous(preset, tm
     message = str(failed.value)
     assert "\n" not in message and "No space left on device" in message and "ckpt-0000008.safetensors" in message
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["ckpt-0000004.json"]
-    assert load_checkpoint(out / "checkpoints" / "ckpt-0000004.json").step == 4
+    assert load_checked_checkpoint(out / "checkpoints" / "ckpt-0000004.json").step == 4
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -247,7 +247,7 @@ def test_checkpoint_json_paired_with_other_weights_is_refused(preset, tmp_path):
     meta["config"]["precond"]["kind"] = "ctm"                    # the weights hold Analytic-Precond's tensors
     ckpt.write_text(json.dumps(meta))
     with pytest.raises(ApctlError) as refused:
-        load_checkpoint(ckpt)
+        load_checked_checkpoint(ckpt)
     assert "precond.kind = 'ctm'" in str(refused.value) and "\n" not in str(refused.value)
 
 
