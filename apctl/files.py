@@ -147,7 +147,7 @@ def read_json_bounded(path: str | os.PathLike, what: str, limit: int = MAX_TEXT_
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
-        raise ApctlError(f"{what} {path} is not valid JSON ({reason})") from None
+        raise ApctlError(f"{what} {path} is not readable JSON ({reason})") from None
 
 
 # --- writing --------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 One uninterrupted run of a tiny toy2d config (`checkpoint_every = 1`, so most of the training time is
 spent writing checkpoints, and Analytic-Precond statistics estimated at the start) gives the
 reference final checkpoint. Each SIGKILL trial starts the same command in a fresh run directory,
-kills it with SIGKILL after a delay drawn uniformly from the reference's statistics window (30% of
-kills) or its training window (70%; with a checkpoint every step most of it is checkpoint writing),
-optionally kills the resumed process again, then re-runs the command until it exits. Counted per trial:
+kills it with SIGKILL at a moment triggered by an event, so that it lands where intended however
+loaded the machine is: 30% at a random time into the statistics estimate (after the lock appears),
+70% at a random time into the step after a random checkpoint k (its training and the write of
+checkpoint k + 1); optionally kills the resumed process again, then re-runs the command until it exits. Counted per trial:
 
 * bit-identical: the final checkpoint's tensors equal the reference's (torch.equal, every tensor);
 * corrupt checkpoints: after every kill, each `ckpt-*.json` in the run directory is loaded with
@@ -109,41 +110,67 @@ def phase(out: Path) -> str:
     return where + (", mid-write" if temporaries else "")
 
 
-def timed_reference(preset: Path, out: Path) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Run the reference to the end, noting when the statistics started (the lock appears just
-    before), when they were written, and when the run ended: the two windows kills are drawn from."""
+def timed_reference(preset: Path, out: Path) -> tuple[float, float]:
+    """Run the reference to the end; returns how long the statistics took (from the lock, taken just
+    before them, to their file) and the mean time of one training step with its checkpoint write."""
     started = time.monotonic()
     proc = subprocess.Popen(command(preset, out), env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    t_lock = t_stats = None
+    t_lock = t_stats = t_first = None
     while proc.poll() is None:
         now = time.monotonic() - started
         if t_lock is None and (out / ".lock").exists():
             t_lock = now
         if t_stats is None and (out / "precond_stats.safetensors").exists():
             t_stats = now
-        time.sleep(0.02)
-    end = time.monotonic() - started
-    if proc.returncode != 0 or t_lock is None or t_stats is None:
+        if t_first is None and (out / "checkpoints" / "ckpt-0000001.json").exists():
+            t_first = now
+        time.sleep(0.005)
+    if proc.returncode != 0 or None in (t_lock, t_stats, t_first):
         sys.exit(f"reference run failed: {proc.stderr.read().strip().splitlines()[-1:]}")
-    return (t_lock, t_stats), (t_stats, end)
+    from apctl.checkpoints import list_checkpoints
+
+    last = list_checkpoints(out / "checkpoints")[-1]
+    steps = json.loads(last.read_text())["step"]
+    return t_stats - t_lock, (last.stat().st_mtime - (out / "checkpoints" / "ckpt-0000001.json").stat().st_mtime
+                              if (out / "checkpoints" / "ckpt-0000001.json").exists() else 1.0) / max(steps - 1, 1)
 
 
-def kill_trial(preset: Path, out: Path, reference: dict, windows, rng: random.Random, kills: int) -> dict:
-    """Kills land in the statistics window with probability 0.3, else in the training window."""
+def _wait_for(proc: subprocess.Popen, ready) -> bool:
+    while not ready():
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def kill_trial(preset: Path, out: Path, reference: dict, timing, rng: random.Random, kills: int) -> dict:
+    """Each kill is triggered by an event, so it lands where intended however loaded the machine is:
+    30% at a random moment of the statistics estimate (after the lock appears), 70% at a random
+    moment of the step after a random checkpoint k (its training and the next checkpoint write)."""
+    stats_seconds, step_seconds = timing
+    iterations = reference["step"]
     record = {"kills": [], "corrupt": [], "refused": 0}
     for _ in range(kills):
         proc = subprocess.Popen(command(preset, out), env=environment(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        delay = rng.uniform(*(windows[0] if rng.random() < 0.3 else windows[1]))
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
+        if rng.random() < 0.3:
+            target = "statistics"
+            ready = lambda: (out / ".lock").exists() and (out / ".lock").stat().st_size > 0  # noqa: E731
+            delay = rng.uniform(0, 0.9 * stats_seconds)
+        else:
+            k = rng.randint(1, iterations - 1)
+            target = f"after checkpoint {k}"
+            ready = lambda: (out / "checkpoints" / f"ckpt-{k:07d}.json").exists()  # noqa: E731
+            delay = rng.uniform(0, step_seconds)
+        if _wait_for(proc, ready) and proc.poll() is None:
+            time.sleep(delay)
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            record["kills"].append(f"{delay:.1f}s: {phase(out)}")
+            record["kills"].append(f"{target} +{delay:.2f}s: {phase(out)}")
         else:
-            record["kills"].append(f"{delay:.1f}s: finished first (exit {proc.returncode})")
+            record["kills"].append(f"{target}: ended first (exit {proc.returncode})")
             if proc.returncode != 0:
                 record["refused"] += 1
         record["corrupt"] += corrupt_checkpoints(out)
@@ -197,15 +224,15 @@ def main() -> None:
         preset = root / "faults.toml"
         preset.write_text(PRESET)
         started = time.monotonic()
-        windows = timed_reference(preset, root / "reference")
+        timing = timed_reference(preset, root / "reference")
         step, tensors = final_tensors(root / "reference")
         reference = {"step": step, "tensors": tensors}
-        print(f"reference: {step} steps, {len(tensors)} tensors; statistics {windows[0][0]:.1f}…{windows[0][1]:.1f} s, "
-              f"training and checkpoint writes {windows[1][0]:.1f}…{windows[1][1]:.1f} s after the start")
+        print(f"reference: {step} steps, {len(tensors)} tensors, {time.monotonic() - started:.0f} s; statistics "
+              f"{timing[0]:.2f} s, {timing[1] * 1000:.0f} ms per step with its checkpoint write")
 
         kills = identical_count = refused = corrupt = 0
         for i in range(args.kill_trials):
-            record = kill_trial(preset, root / f"kill{i}", reference, windows, rng, rng.randint(1, args.max_kills))
+            record = kill_trial(preset, root / f"kill{i}", reference, timing, rng, rng.randint(1, args.max_kills))
             kills += len(record["kills"])
             identical_count += record["identical"]
             refused += record["refused"]
