@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from apctl.errors import ApctlError
 PRESET_DIR_ENV = "APCTL_PRESETS"
 # run.device and the commands' --device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# Seeds are mixed into 64-bit generator seeds (NumPy's SeedSequence takes no negative words).
+MAX_SEED = 2 ** 63 - 1
 
 
 def _choice(*options: str) -> dict:
@@ -34,9 +37,9 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 @dataclass
 class RunConfig:
     name: str = "run"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     device: str = "auto"      # auto | cpu | cuda | cuda:N (checked in `validate`)
-    threads: int = field(default=0, metadata=_range(0))   # CPU threads for torch; 0 keeps torch's default
+    threads: int = field(default=0, metadata=_range(0, 1024))   # CPU threads for torch; 0 keeps torch's default
 
 
 @dataclass
@@ -91,7 +94,7 @@ class StatisticsConfig:
     n_points: int = field(default=120, metadata=_range(8))
     n_samples: int = field(default=4096, metadata=_range(1))
     batch_size: int = field(default=512, metadata=_range(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     derivative: str = field(default="jvp", metadata=_choice("jvp", "fd"))
     ridge: float = field(default=1e-14, metadata=_range(0.0))
 
@@ -210,7 +213,7 @@ class EvalConfig:
     n_samples: int = field(default=2048, metadata=_range(1))
     teacher_steps: int = field(default=256, metadata=_range(2))
     nfe: list = field(default_factory=lambda: [1, 2, 4])
-    seed: int = 12345
+    seed: int = field(default=12345, metadata=_range(0, MAX_SEED))
     fid_samples: int = field(default=512, metadata=_range(2))
     edm_steps: int = field(default=18, metadata=_range(2))
 
@@ -325,8 +328,21 @@ def config_from_dict(data: dict, source: str = "checkpoint", cross_field: bool =
     return cfg
 
 
+MAX_RUN_NAME = 128
+
+
+def _check_run_name(name: str, source: str) -> None:
+    """run.name is the run directory's name inside runs/ (default --out): one plain folder name, so a
+    run never writes outside runs/ (no '..', no separators, no absolute path, not empty)."""
+    separators = {"/", "\0", os.sep, os.altsep or "/"}
+    if not name.strip() or name in (".", "..") or any(c in name for c in separators) or len(name) > MAX_RUN_NAME:
+        raise ConfigError(source, "run.name", f"must be a folder name of 1…{MAX_RUN_NAME} characters without "
+                                              f"'/' and not '..' (the run directory inside runs/), got {name[:60]!r}")
+
+
 def validate(cfg: Config, source: str) -> None:
     """Cross-field rules that a single key's type and range cannot express."""
+    _check_run_name(cfg.run.name, source)
     if not DEVICE_PATTERN.fullmatch(cfg.run.device):
         raise ConfigError(source, "run.device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.run.device!r}")
     t = cfg.teacher

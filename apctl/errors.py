@@ -16,6 +16,20 @@ class MissingFileError(ApctlError):
     """A file apctl needs (data set, teacher, weights, statistics, checkpoint) is not where it looked."""
 
 
+class WriteError(ApctlError):
+    """A file could not be written (disk full, quota, no permission, read-only file system); the
+    previous version of the file, if any, is untouched (every write is atomic: `apctl.files`)."""
+
+
+class RunStopped(ApctlError):
+    """Training stopped on a signal (SIGTERM, SIGINT) after saving a checkpoint, or at once on a
+    second signal. `exit_code` is the shell's convention for the signal: 128 + its number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class UnsafePickleError(ApctlError):
     """A pickle refused before unpickling: it names a global outside the allowlist, sets attributes on
     one, or names globals that cannot be resolved statically."""

@@ -15,20 +15,29 @@ from typing import Any
 
 from apctl.config import Config, ConfigError, config_from_dict, validate
 from apctl.errors import ApctlError
+from apctl.files import read_bounded
 
 PRESET_DIR_ENV = "APCTL_PRESETS"
+
+
+# A preset is a few kilobytes; its `extends` chain a few files deep.
+MAX_PRESET_BYTES = 1 << 20
+MAX_EXTENDS_DEPTH = 32
+MAX_NAME_CHARS = 255
 
 
 def _read_toml(path: Path) -> dict:
     import tomli
 
+    data = read_bounded(path, MAX_PRESET_BYTES, "preset")
     try:
-        with open(path, "rb") as fh:
-            return tomli.load(fh)
+        return tomli.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApctlError(f"{path}: not UTF-8 text (byte {exc.start}); presets are UTF-8 TOML") from None
     except tomli.TOMLDecodeError as exc:
-        raise ApctlError(f"{path}: not valid TOML ({exc})") from None
-    except OSError as exc:
-        raise ApctlError(f"cannot read preset {path}: {exc.strerror}") from None
+        raise ApctlError(f"{path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ApctlError(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def preset_dirs() -> list[Path]:
@@ -58,6 +67,10 @@ def available_presets() -> list[str]:
 
 def find_preset(name_or_path: str) -> Path:
     """A preset by file path (anything ending in .toml) or by name in `preset_dirs()`."""
+    if len(name_or_path) > 4096 or any(len(part) > MAX_NAME_CHARS for part in name_or_path.split(os.sep)):
+        raise ApctlError(f"preset name too long ({len(name_or_path)} characters): {name_or_path[:60]}…")
+    if "\0" in name_or_path:
+        raise ApctlError("preset name contains a NUL character")
     if name_or_path.endswith(".toml") or os.sep in name_or_path:
         path = Path(name_or_path)
         if not path.is_file():
@@ -86,6 +99,8 @@ def _merge(base: dict, override: dict) -> dict:
 def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in chain:
         raise ApctlError(f"{path}: 'extends' forms a cycle")
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise ApctlError(f"{path}: 'extends' chain deeper than {MAX_EXTENDS_DEPTH} presets")
     data = _read_toml(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -108,14 +123,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     import tomli
 
     if "=" not in text:
-        raise ApctlError(f"--set expects key=value, got {text!r}")
+        raise ApctlError(f"--set expects key=value, got {text[:80]!r}")
     key, raw = (part.strip() for part in text.split("=", 1))
-    if not key or any(not part for part in key.split(".")):
-        raise ApctlError(f"--set expects a dotted key like training.lr, got {key!r}")
+    if not key or any(not part for part in key.split(".")) or len(key) > MAX_NAME_CHARS:
+        raise ApctlError(f"--set expects a dotted key like training.lr, got {key[:80]!r}")
     try:
         value = tomli.loads(f"v = {raw}")["v"]
     except tomli.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise ApctlError(f"--set {key}: value nested too deeply") from None
     return key.split("."), value
 
 

@@ -13,7 +13,7 @@ from apctl.errors import ApctlError
 
 def distill(
     preset: str = PresetOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
     overrides: Optional[list[str]] = SetOpt,
     teacher: Optional[Path] = TeacherOpt,
     data: Optional[Path] = DataOpt,
@@ -31,9 +31,11 @@ def distill(
     run_training("distill", cfg, preset, preset_path, out, dry_run)
 
 
-def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optional[Path], dry_run: bool) -> None:
+def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optional[str], dry_run: bool) -> None:
     """The training run behind `apctl distill` and `apctl teacher train`: the plan, or prepare → train → finish."""
-    out = out or Path("runs") / cfg.run.name
+    if out is not None and not out.strip():
+        raise ApctlError("--out is empty; give a run directory (default: runs/<run.name>)")
+    out = Path(out) if out is not None else Path("runs") / cfg.run.name
     from apctl.cli.ui import console
 
     if dry_run:
@@ -54,6 +56,7 @@ def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optiona
     from apctl.training.run import alignment_probe, finish, prepare, train
 
     distributed.init()
+    reporter, run = None, None
     try:
         reporter = TrainingReporter(command)
         if not distributed.is_main():
@@ -70,6 +73,10 @@ def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optiona
             for line in summary:
                 console.print(line)
     finally:
+        if reporter is not None:
+            reporter.finish()      # progress closed (cursor back) however the run ended
+        if run is not None:
+            run.close()            # the run directory's lock
         distributed.shutdown()
 
 

@@ -50,7 +50,8 @@ app.add_typer(teacher.app, name="teacher")
 
 def main() -> None:
     """Run the CLI. User errors (ApctlError, bad flags) are one line on stderr, no traceback:
-    exit code 1 for errors in the work, 2 for command-line usage errors."""
+    exit code 1 for errors in the work, 2 for command-line usage errors, 128 + N for a training run
+    stopped by signal N (143 SIGTERM, 130 SIGINT)."""
     from apctl.cli.ui import err_console
 
     def fail(message: str, code: int) -> None:
@@ -70,8 +71,11 @@ def main() -> None:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         fail(exc.format_message() + hint, getattr(exc, "exit_code", 2))
     except ApctlError as exc:
-        fail(str(exc), 1)
+        fail(str(exc), getattr(exc, "exit_code", 1))     # RunStopped: 128 + the signal's number
     except (KeyboardInterrupt, typer.Abort):
+        from apctl.cli.ui import console
+
+        console.show_cursor(True)      # a progress bar interrupted outside the training loop hid it
         sys.stderr.write("interrupted; re-run the same command to resume from the last checkpoint\n")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -26,7 +26,7 @@ def _teacher() -> None:
 def train_teacher(
     preset: str = typer.Option("digits-teacher", "--preset", "-p",
                                help="A teacher-training preset (objective.kind = 'edm'), by name or .toml path."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
     overrides: Optional[list[str]] = SetOpt,
     data: Optional[Path] = DataOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),

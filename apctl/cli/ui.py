@@ -164,6 +164,8 @@ class TrainingReporter:
         self.phase.update(step, info)
 
     def finish(self) -> None:
+        """Close the progress display (idempotent; also a statistics bar cut short by an error)."""
         if self.phase is not None:
             self.phase.close()
             self.phase = None
+        self.stats.close()

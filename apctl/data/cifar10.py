@@ -29,6 +29,7 @@ import numpy as np
 from apctl.data.images import (ImageData, data_search_dirs, describe_looked, describe_search_dirs,
                                resolve_data_path)
 from apctl.errors import ApctlError, UnreadablePickleError, UnsafePickleError
+from apctl.files import MAX_ARCHIVE_BYTES, check_input_file, read_bounded
 from apctl.safe_pickle import numpy_array_allowlist, restricted_load
 
 TARBALL_NAME = "cifar-10-python.tar.gz"
@@ -117,7 +118,7 @@ def _read_from_dir(folder: Path, names: tuple[str, ...]) -> Iterator[tuple[str, 
         if size > _MAX_MEMBER_BYTES:
             raise ApctlError(f"{file} is {size} bytes, far larger than a CIFAR-10 batch; "
                              f"replace it with the file from {TARBALL_NAME}")
-        yield name, file.read_bytes()
+        yield name, read_bounded(file, _MAX_MEMBER_BYTES, "CIFAR-10 batch")
 
 
 def _read_from_tar(tarball: Path, names: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
@@ -217,6 +218,7 @@ def load_cifar10(path: str | os.PathLike | None = None, *, split: str = "train",
         members = _read_from_dir(location, names)
         where = lambda n: str(location / n)  # noqa: E731
     else:
+        check_input_file(location, MAX_ARCHIVE_BYTES, "CIFAR-10 archive")     # a FIFO would block tarfile
         members = _read_from_tar(location, names)
         where = lambda n: f"{location}:{BATCH_DIR_NAME}/{n}"  # noqa: E731
     parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -34,9 +34,13 @@ import numpy as np
 
 from apctl.data.images import ImageData, describe_looked, describe_search_dirs, resolve_data_path
 from apctl.errors import ApctlError
+from apctl.files import MAX_ARCHIVE_BYTES, MAX_IMAGE_BYTES, MAX_TEXT_BYTES, check_input_file, read_bounded
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 LABELS_FILE = "dataset.json"
+# Labels become one-hot vectors of max label + 1 entries: ImageNet has 1,000 classes; a label of
+# 10¹² would make every batch a terabyte.
+MAX_CLASSES = 100_000
 _FIX_EDM = "rebuild it with EDM's dataset_tool.py"
 
 
@@ -61,6 +65,7 @@ class _Source:
                 for root, _dirs, files in os.walk(path) for f in files
             )
         else:
+            check_input_file(path, MAX_ARCHIVE_BYTES, what)      # a FIFO would block ZipFile for ever
             try:
                 self._zip = zipfile.ZipFile(path)
                 self.files = sorted(n for n in self._zip.namelist() if not n.endswith("/"))
@@ -69,11 +74,21 @@ class _Source:
                                  f"({_reason(exc)}); point to the zip or folder written by EDM's "
                                  f"dataset_tool.py, or to a folder of images") from None
 
-    def read(self, rel: str) -> bytes:
+    def read(self, rel: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+        """The bytes of one member, at most `limit` (a zip member's declared size is checked first and
+        the inflation capped, so a zip bomb cannot exhaust memory; a folder's entry must be a regular file)."""
         try:
             if self._zip is not None:
-                return self._zip.read(rel)
-            return (self.path / rel).read_bytes()
+                info = self._zip.getinfo(rel)
+                if info.file_size > limit:
+                    raise ApctlError(f"{rel} in {self.what} {self.path} declares {info.file_size:,} bytes, more "
+                                     f"than the {limit:,} apctl reads for one file")
+                with self._zip.open(info) as member:
+                    data = member.read(limit + 1)
+                if len(data) > limit:
+                    raise ApctlError(f"{rel} in {self.what} {self.path} inflates beyond {limit:,} bytes")
+                return data
+            return read_bounded(self.path / rel, limit, f"{rel} in {self.what}")
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
             raise ApctlError(f"cannot read {rel} from {self.what} {self.path} ({_reason(exc)}); "
                              f"the file is damaged — {_FIX_EDM} or re-copy it") from None
@@ -97,9 +112,10 @@ def _read_labels(source: _Source, names: list[str]) -> np.ndarray | None:
         return None
     where = f"{LABELS_FILE} in {source.what} {source.path}"
     try:
-        meta = json.loads(source.read(LABELS_FILE).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApctlError(f"{where} is not valid JSON ({_reason(exc)}); fix or delete it "
+        meta = json.loads(source.read(LABELS_FILE, MAX_TEXT_BYTES).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else _reason(exc)
+        raise ApctlError(f"{where} is not valid JSON ({reason}); fix or delete it "
                          f"(without it the dataset is unconditional)") from None
     if not isinstance(meta, dict) or "labels" not in meta:
         raise ApctlError(f"{where} has no \"labels\" entry; expected "
@@ -120,8 +136,9 @@ def _read_labels(source: _Source, names: list[str]) -> np.ndarray | None:
                 isinstance(value, float) and not value.is_integer()):
             raise ApctlError(f"{where}: label of {entry[0]} is {json.dumps(value)[:80]}; only integer class "
                              f"labels are supported (vector labels are not)")
-        if value < 0:
-            raise ApctlError(f"{where}: label of {entry[0]} is negative ({value}); class labels must be >= 0")
+        if not 0 <= value < MAX_CLASSES:
+            raise ApctlError(f"{where}: label of {entry[0]} is {value}; class labels must lie in 0…{MAX_CLASSES - 1} "
+                             f"(one-hot labels of that many classes are what the networks take)")
         table[entry[0].replace("\\", "/")] = int(value)
     missing = [n for n in names if n not in table]
     if missing:

@@ -31,11 +31,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from apctl.errors import ApctlError
-from apctl.files import atomic_path
+from apctl.errors import ApctlError, first_line
+from apctl.files import MiB, check_input_file, write_safetensors
 from apctl.schedules import SIGMA_MAX, SIGMA_MIN
 
 FORMAT_VERSION = 1
+# Bounds on what a statistics file may hold (a hand-edited or hostile file fails at once):
+# the estimate is tabulated on n_points levels (config: a few hundred at most).
+MAX_STATISTICS_BYTES = 64 * MiB
+MAX_STATISTICS_POINTS = 100_000
 
 
 @dataclass
@@ -74,15 +78,12 @@ class PrecondStatistics:
 
     def save(self, path: str | Path) -> None:
         """Write lam, l, s and the metadata `load_statistics` reads to a safetensors file, atomically."""
-        from safetensors.numpy import save_file
-
-        with atomic_path(path) as tmp:
-            save_file({"lam": self.lam, "l": self.l, "s": self.s}, str(tmp), metadata={
-                "format": "apctl-precond-statistics", "format_version": str(FORMAT_VERSION),
-                "teacher_fingerprint": self.teacher_fingerprint,
-                "settings": json.dumps(self.settings, sort_keys=True),
-                "extras": json.dumps(self.extras, sort_keys=True),
-            })
+        write_safetensors(path, {"lam": self.lam, "l": self.l, "s": self.s}, metadata={
+            "format": "apctl-precond-statistics", "format_version": str(FORMAT_VERSION),
+            "teacher_fingerprint": self.teacher_fingerprint,
+            "settings": json.dumps(self.settings, sort_keys=True),
+            "extras": json.dumps(self.extras, sort_keys=True),
+        })
 
 
 def load_statistics(path: str | Path) -> PrecondStatistics:
@@ -90,19 +91,30 @@ def load_statistics(path: str | Path) -> PrecondStatistics:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise ApctlError(f"statistics file not found: {path}")
+    check_input_file(path, MAX_STATISTICS_BYTES, "statistics file")
     try:
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
             arrays = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:
-        raise ApctlError(f"{path} is not a readable safetensors file ({exc})") from None
+        raise ApctlError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
     if meta.get("format") != "apctl-precond-statistics" or not {"lam", "l", "s"} <= arrays.keys():
         raise ApctlError(f"{path} is not an apctl precond statistics file (run `apctl precond compute`)")
+    shapes = {arrays[k].shape for k in ("lam", "l", "s")}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or not 2 <= len(arrays["lam"]) <= MAX_STATISTICS_POINTS:
+        raise ApctlError(f"{path}: lam, l and s must be vectors of one length in 2…{MAX_STATISTICS_POINTS}, "
+                         f"got shapes {', '.join(str(arrays[k].shape) for k in ('lam', 'l', 's'))}")
+    decoded = {}
+    for key in ("settings", "extras"):
+        try:
+            decoded[key] = json.loads(meta.get(key, "{}"))
+        except (ValueError, RecursionError):
+            raise ApctlError(f"{path}: its '{key}' metadata is not valid JSON (run `apctl precond compute`)") from None
+        if not isinstance(decoded[key], dict):
+            raise ApctlError(f"{path}: its '{key}' metadata is not a JSON object (run `apctl precond compute`)")
     return PrecondStatistics(arrays["lam"].astype(np.float64), arrays["l"].astype(np.float64),
-                             arrays["s"].astype(np.float64), meta.get("teacher_fingerprint", ""),
-                             json.loads(meta.get("settings", "{}")), json.loads(meta.get("extras", "{}")))
+                             arrays["s"].astype(np.float64), str(meta.get("teacher_fingerprint", "")),
+                             decoded["settings"], decoded["extras"])
 
 
 def statistics_match(stats: PrecondStatistics, fingerprint: str, settings: StatisticsSettings) -> bool:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from apctl.errors import ApctlError, MissingFileError, first_line
-from apctl.files import atomic_path
+from apctl.files import MAX_WEIGHTS_BYTES, atomic_path, check_input_file, read_json_bounded, write_safetensors
 from apctl.teachers.bundle import TeacherBundle, compute_fingerprint
 from apctl.teachers.rebuild import build_and_load
 
@@ -36,13 +36,10 @@ def teacher_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def _read_json(json_path: Path) -> dict:
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not json_path.exists():
         raise MissingFileError(f"{json_path} is missing: an apctl teacher is a .safetensors file plus a .json "
-                         "file with the same stem") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ApctlError(f"{json_path} is not readable JSON ({first_line(exc)})") from None
+                               "file with the same stem")
+    meta = read_json_bounded(json_path, "teacher description")
     if not isinstance(meta, dict):
         raise ApctlError(f"{json_path} is not an apctl teacher description (expected a JSON object)")
     version = meta.get("format_version")
@@ -62,6 +59,7 @@ def load_apctl_teacher(path: Path) -> TeacherBundle:
     meta = _read_json(json_path)
     if not weights_path.exists():
         raise MissingFileError(f"{weights_path} is missing (described by {json_path})")
+    check_input_file(weights_path, MAX_WEIGHTS_BYTES, "teacher weights")
     try:
         state_dict = load_file(str(weights_path), device="cpu")
     except Exception as exc:
@@ -93,8 +91,6 @@ def save_teacher(bundle: TeacherBundle, out_path: str | Path) -> tuple[Path, Pat
     (`apctl.files.atomic_path`), so an error leaves any existing files untouched. Overwrites
     existing files (the CLI checks first).
     """
-    from safetensors.torch import save_file
-
     if Path(out_path).suffix not in (".safetensors", ""):
         raise ApctlError(f"teacher output must end in .safetensors, got {out_path}")
     weights_path, json_path = teacher_paths(out_path)
@@ -120,7 +116,7 @@ def save_teacher(bundle: TeacherBundle, out_path: str | Path) -> tuple[Path, Pat
     try:
         # JSON outermost: the weights are renamed into place first, the JSON last.
         with atomic_path(json_path) as tmp_json, atomic_path(weights_path) as tmp_weights:
-            save_file(state_dict, str(tmp_weights), metadata={
+            write_safetensors(tmp_weights, state_dict, metadata={
                 "apctl_format_version": str(FORMAT_VERSION), "class_name": arch["class_name"],
                 "fingerprint": fingerprint})
             tmp_json.write_text(text + "\n", encoding="utf-8")

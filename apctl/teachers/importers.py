@@ -22,6 +22,7 @@ import hashlib
 from pathlib import Path
 
 from apctl.errors import ApctlError, MissingFileError, UnreadablePickleError, UnsafePickleError, first_line
+from apctl.files import MAX_WEIGHTS_BYTES, check_input_file, read_bounded
 from apctl.teachers.apctl_format import load_apctl_teacher
 from apctl.teachers.bundle import TeacherBundle
 from apctl.teachers.openai_adm import load_openai_adm
@@ -81,6 +82,24 @@ def _load_edm_pickle(path: Path, data: bytes) -> TeacherBundle:
                                   module_src_sha256=dict(contents.module_src_sha256), extras=dict(contents.extras))
 
 
+def _check_torch_zip(path: Path) -> None:
+    """A torch.save zip holds its members stored, not compressed: a compressed member (a zip bomb
+    inflates 1 MB into gigabytes) or declared sizes beyond the bound are refused before torch reads it."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise _unknown(path, f"a damaged zip archive: {first_line(exc)}") from None
+    for info in members:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _unknown(path, f"member {info.filename[:80]} is compressed; torch.save stores its members uncompressed")
+    total = sum(info.file_size for info in members)
+    if total > MAX_WEIGHTS_BYTES:
+        raise _unknown(path, f"its members declare {total:,} bytes, more than the {MAX_WEIGHTS_BYTES:,} apctl reads")
+
+
 def _load_torch_file(path: Path) -> TeacherBundle:
     """A torch.save file: only OpenAI's ADM state_dict is expected here."""
     import torch
@@ -104,16 +123,16 @@ def load_teacher(path: str | Path) -> TeacherBundle:
         raise ApctlError(f"{path} is a directory; give a teacher file ({_ACCEPTED})")
     if not path.exists() and path.suffix not in (".json", ".safetensors"):
         raise MissingFileError(f"{path} does not exist")
+    if path.exists() and path.suffix != ".json":
+        check_input_file(path, MAX_WEIGHTS_BYTES, "teacher file")     # not a FIFO, device or endless file
     kind = detect_format(path) if path.exists() else "apctl"
     if kind == "apctl":
         return load_apctl_teacher(path)
     if kind == "torch-zip":
+        _check_torch_zip(path)
         return _load_torch_file(path)
     if kind == "pickle":
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ApctlError(f"cannot read {path}: {exc.strerror or exc}") from None
+        data = read_bounded(path, MAX_WEIGHTS_BYTES, "teacher file")
         if data.startswith(_LEGACY_TORCH_MAGIC):  # torch.save(..., _use_new_zipfile_serialization=False)
             del data
             return _load_torch_file(path)
@@ -122,9 +141,9 @@ def load_teacher(path: str | Path) -> TeacherBundle:
     # Protocol 0/1 pickles have no header: anything that scans as a pickle gets the same treatment.
     from apctl.safe_pickle import referenced_globals
 
+    data = read_bounded(path, MAX_WEIGHTS_BYTES, "teacher file")
     try:
-        data = path.read_bytes()
         referenced_globals(data)
-    except (OSError, UnsafePickleError, UnreadablePickleError):
+    except (UnsafePickleError, UnreadablePickleError):
         raise _unknown(path) from None
     return _load_edm_pickle(path, data)

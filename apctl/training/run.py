@@ -19,13 +19,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from apctl.checkpoints import list_checkpoints, load_checkpoint, restore_optimizer, save_checkpoint
+from apctl.checkpoints import list_checkpoints, load_latest_checkpoint, restore_optimizer, save_checkpoint
 from apctl.config import Config
 from apctl.presets import config_to_toml
-from apctl.errors import ApctlError
-from apctl.files import atomic_write
+from apctl.errors import ApctlError, RunStopped
+from apctl.files import WRITE_ERRNOS, atomic_write, remove_stale_temporaries, write_error
 from apctl.plots import write_metrics_figure
 from apctl.training import distributed
+from apctl.training.lock import RunLock, check_unlocked
+from apctl.training.run_directory import NewEntries, check_run_directory
+from apctl.training.signals import StopSignals, exit_code, signal_name
 from apctl.training.ema import frozen_copy
 from apctl.training.snapshots import save_snapshot
 from apctl.training.step import step_generator, train_step  # noqa: F401 (step_generator re-exported)
@@ -68,10 +71,24 @@ class Run:
     scaler: torch.amp.GradScaler
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    lock: RunLock | None = None              # rank 0's hold on the run directory
+    new_entries: NewEntries | None = None    # a fresh run's additions, discarded if it fails before a checkpoint
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    def close(self) -> None:
+        """Release the run directory (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def abandon(self) -> None:
+        """After a failure: a fresh run with no checkpoint yet leaves nothing behind; then release."""
+        if self.new_entries is not None and not list_checkpoints(self.checkpoint_dir):
+            self.new_entries.discard()
+        self.close()
 
 
 def resolve_device(name: str, what: str = "run.device") -> torch.device:
@@ -129,19 +146,16 @@ def check_teacher_fits_data(teacher, data_source) -> None:
 
 
 def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run:
-    from apctl.data.sources import build_data_source, load_training_data
-    from apctl.networks.student import build_student, set_dropout, student_architecture
-    from apctl.objectives import build_objective, distills
-    from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
-    from apctl.teachers import build_teacher
-
+    """Check everything that can be checked (run directory, lock, checkpoints, teacher, data, given
+    statistics) before writing anything, then take the run directory's lock and build the run."""
     reporter = reporter or SilentReporter()
     run_dir = Path(run_dir)
     world = distributed.world_size()
     if cfg.training.batch_size % world:
         raise ApctlError(f"training.batch_size = {cfg.training.batch_size} is not divisible by the {world} processes")
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
-    latest = load_checkpoint(checkpoints[-1]) if checkpoints else None
+    check_run_directory(run_dir)
+    check_unlocked(run_dir)
+    latest = load_latest_checkpoint(run_dir / "checkpoints", reporter.message)
     if latest is not None:
         changed = config_differences(latest.meta["config"], cfg.to_dict())
         if changed:
@@ -151,24 +165,55 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # Files are read before anything is written: a missing teacher or data set leaves no run directory.
+    from apctl.data.sources import build_data_source, load_training_data
+    from apctl.objectives import distills
+    from apctl.preconditioning.build import needs_statistics, obtain_statistics
+    from apctl.teachers import build_teacher
+
     data = load_training_data(cfg.data)
     teacher = build_teacher(cfg.teacher, data)
     data_source = build_data_source(cfg.data, teacher, data)
     check_teacher_fits_data(teacher, data_source)
+    if latest is not None and latest.meta.get("teacher_fingerprint", "") != (teacher.fingerprint() if teacher else ""):
+        raise ApctlError(f"{run_dir} was trained with another teacher ({latest.meta.get('teacher_fingerprint')}); "
+                         "pass the same --teacher to resume it, or a new --out")
+    stats = None
+    if distills(cfg.objective) and needs_statistics(cfg.precond) and cfg.precond.statistics_file:
+        stats, _ = obtain_statistics(cfg.precond, teacher, data_source, None)     # a given file: checked now
+
+    lock = new_entries = None
     if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.toml", config_to_toml(cfg))
+        new_entries = None if latest is not None else NewEntries(run_dir)
+        lock = RunLock.acquire(run_dir, reporter.message)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            remove_stale_temporaries(folder)     # left by a process killed mid-write; ours alone hold the lock
         if latest is None:
             # A fresh run: logs of an earlier attempt that never reached a checkpoint are stale.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        run = _build(cfg, run_dir, reporter, device, teacher, data_source, stats, latest)
+    except BaseException:
+        if new_entries is not None:
+            new_entries.discard()
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock, run.new_entries = lock, new_entries
+    return run
+
+
+def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data_source, stats, latest) -> Run:
+    """prepare's second half, once the run directory is ours: statistics, networks, optimizer, restore."""
+    from apctl.networks.student import build_student, set_dropout, student_architecture
+    from apctl.objectives import build_objective, distills
+    from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
 
     distilling = distills(cfg.objective)
     # The teacher moves to the device before anything evaluates it (statistics, probe, training).
     if teacher is not None:
         teacher.to(device)
     # Only rank 0 estimates statistics; the others then read its cache.
-    stats = None
-    if distilling and needs_statistics(cfg.precond):
+    if stats is None and distilling and needs_statistics(cfg.precond):
         if not distributed.is_main():
             distributed.barrier()
         stats, origin = obtain_statistics(cfg.precond, teacher, data_source, run_dir / "precond_stats.safetensors",
@@ -181,6 +226,9 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     torch.manual_seed(cfg.run.seed)
     teacher_network = teacher.network if teacher is not None else None
     arch = student_architecture(cfg.student, data_source.shape, data_source.label_dim, teacher_network)
+    if latest is not None and latest.meta["student"] != arch:
+        raise ApctlError(f"{latest.path} describes another student architecture than this config builds; "
+                         "pass the same settings and teacher to resume it, or a new --out")
     student = build_student(arch, teacher_network if cfg.student.init_from_teacher else None).to(device)
     set_dropout(student, cfg.student.dropout)
     # θ and θ⁻ run in train mode (the architecture's dropout applies in every pass, as in CTM's code);
@@ -199,19 +247,38 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
         if run.target is not None:
             run.target.load_state_dict(latest.group("target"))
         run.ema.load_state_dict(latest.group("ema"))
-        restore_optimizer(run.optimizer, latest)
+        try:
+            restore_optimizer(run.optimizer, latest)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApctlError(f"{latest.path}: its optimizer state does not fit this run ({exc})") from None
         if latest.meta.get("scaler"):
             run.scaler.load_state_dict(latest.meta["scaler"])
         run.step = latest.step
         _truncate_metrics(run_dir / "metrics.jsonl", run.step)
         reporter.message(f"resuming {run_dir} from step {run.step}")
+    if distributed.is_main():
+        # Written last: a run refused above (or a failed resume) leaves the old config.toml as it was.
+        atomic_write(run_dir / "config.toml", config_to_toml(cfg))
     return run
 
 
+def _metrics_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line that is not a JSON object with an integer step
+    (the last line of a process killed mid-append, or damaged)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint being resumed (they will be logged again)."""
+    """Drop lines logged after the checkpoint being resumed (they will be logged again), and any line
+    that does not parse (a line cut short when the process died)."""
     if distributed.is_main() and path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        lines = [ln for ln in text.splitlines() if (s := _metrics_step(ln)) is not None and s <= step]
         atomic_write(path, "".join(ln + "\n" for ln in lines))
 
 
@@ -232,17 +299,36 @@ def save(run: Run, logs: dict | None = None) -> Path | None:
 def _log(run: Run, path: Path, logs: dict) -> None:
     run.history.append(logs)
     if distributed.is_main():
-        with open(path, "a") as fh:
-            fh.write(json.dumps(logs) + "\n")
+        try:
+            with open(path, "a") as fh:        # an append: a cut-short last line is dropped on resume
+                fh.write(json.dumps(logs) + "\n")
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:
+                raise write_error(path, exc) from None
+            raise
 
 
 def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
     """Run the loop from `run.step` to `training.iterations`, checkpointing along the way.
 
     `probe(run) -> dict` (e.g. the EMA student's alignment with the teacher) is evaluated every
-    `training.eval_every` steps and logged; it draws no training randomness.
+    `training.eval_every` steps and logged; it draws no training randomness. SIGTERM / SIGINT stop
+    the loop after the step in progress with a checkpoint and `RunStopped` (`training/signals.py`).
+    Whatever ends the loop, the progress display is closed; a failure before a fresh run's first
+    checkpoint leaves nothing behind (`Run.abandon`).
     """
     reporter = reporter or SilentReporter()
+    try:
+        with StopSignals(run.device, sync_every=run.cfg.training.log_every) as stop:
+            return _train(run, reporter, probe, stop)
+    except BaseException:
+        run.abandon()
+        raise
+    finally:
+        reporter.finish()      # the progress bar stops and the cursor comes back, however the loop ended
+
+
+def _train(run: Run, reporter: Reporter, probe, stop: StopSignals) -> Run:
     tc = run.cfg.training
     world, rank = distributed.world_size(), distributed.rank()
     per_rank = tc.batch_size // world
@@ -282,9 +368,21 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
         snapshot = save_snapshot(run)               # EMA-only, every training.snapshot_every steps
         if snapshot is not None:                    # with its picture, so a report can show the progression
             write_samples_picture(run, snapshot.with_name(f"samples-{run.step:07d}.png"))
+        if signum := stop.requested(run.step):      # SIGTERM / SIGINT: stop after the step that was running
+            _stop(run, logs, signum)
     save(run, logs)
     reporter.finish()
     return run
+
+
+def _stop(run: Run, logs: dict, signum: int) -> None:
+    """Checkpoint the current step (unless just saved) and raise RunStopped with where and how to resume."""
+    tc = run.cfg.training
+    if run.step % tc.checkpoint_every or run.step == tc.iterations:
+        save(run, logs)
+    where = run.checkpoint_dir / f"ckpt-{run.step:07d}.json"
+    raise RunStopped(f"{signal_name(signum)}: stopped at step {run.step} of {tc.iterations}, checkpoint {where}; "
+                     "re-run the same command to resume", exit_code(signum))
 
 
 def alignment_probe(run: Run, progress=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apctl.checkpoints import Checkpoint, load_checkpoint
+from apctl.checkpoints import Checkpoint, load_checked_checkpoint
 from apctl.config import Config, config_from_dict
 from apctl.errors import ApctlError
 from apctl.preconditioning.build import preconditioning_from_state
@@ -43,7 +43,7 @@ def load_trained_student(path: str | Path, weights: str = "ema", device: torch.d
     on `device` (the preconditioning computes its coefficients on the CPU wherever the network is)."""
     from apctl.networks.student import build_student, student_data_shape
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checked_checkpoint(path)
     cfg = config_from_dict(ckpt.meta["config"], source=str(ckpt.path))
     arch = ckpt.meta["student"]
     net = build_student(arch)
