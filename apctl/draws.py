@@ -126,7 +126,7 @@ class RowDraws:
         inverse CDF at a per-row uniform, so a row's index depends on its own probabilities only."""
         u = self.rand((), dtype=torch.float64)
         cdf = probs.to(torch.float64).cumsum(-1)
-        cdf = cdf.expand(len(self), -1) if cdf.dim() == 1 else cdf
+        cdf = cdf.expand(len(self), -1).contiguous() if cdf.dim() == 1 else cdf
         index = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
         return index.clamp(max=cdf.shape[1] - 1)
 
