@@ -4,8 +4,10 @@ Read top to bottom: `prepare` builds the teacher, data, statistics, precondition
 student, target network θ⁻, evaluation EMA and optimizer, and restores the latest checkpoint of
 the run directory if there is one; `alignment_probe` measures the EMA student against the teacher's
 ODE during training; `train` is the loop; `finish` writes the final samples and a summary. Every
-random draw of step k comes from a generator seeded by (run seed, rank, k), so a resumed run repeats
-an uninterrupted one exactly.
+random draw of step k is a function of (run seed, k, the sample's index in the global batch) — dropout
+of (seed, rank, k) — and the learning rate a function of k, so a resumed run repeats an uninterrupted
+one exactly (training/step.py). A step with a non-finite loss or gradient is skipped, too many in a
+row stop the run, and no non-finite checkpoint is written (training/guard.py).
 """
 
 from __future__ import annotations
