@@ -187,6 +187,7 @@ def two_nodes(tmp_path_factory, cli):
     return ws / "run", outputs
 
 
+@pytest.mark.slow
 def test_two_nodes_share_one_run_and_write_once(two_nodes):
     run_dir, outputs = two_nodes
     assert sum(out.count("run directory: run") for out in outputs) == 1, outputs   # the summary: rank 0 only
@@ -194,6 +195,7 @@ def test_two_nodes_share_one_run_and_write_once(two_nodes):
     assert [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] == [2, 4]
 
 
+@pytest.mark.slow
 def test_two_processes_by_two_micro_batches_equal_one_by_four(two_nodes, tmp_path):
     """The 2 × 2 checkpoint of step 4 against an in-process 1 × 4 run: same weights within the tolerance; and the
     logged interval means (averaged over the logging interval and over ranks) are the 1-process ones."""
@@ -331,6 +333,7 @@ def _strict_json(line: str) -> dict:
     return json.loads(line, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_one_line(tmp_path, cli):
     """training.lr = 1e30 (RAdam's first step moves each weight by ~lr): the loss turns non-finite, the steps are
     skipped, and after training.max_skipped_steps = 3 in a row `apctl distill` exits 1 with one line naming the

@@ -297,7 +297,9 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
                 logs.update(probe(run))
             _log(run, metrics_path, logs, sink)
         reporter.step(run.step, logs)
-        if skips.exhausted:
+        if skips.exhausted:                         # diverged: stop without another checkpoint
+            if sink is not None:
+                sink.close()
             reporter.finish()
             raise skips.error()
         if run.step % tc.checkpoint_every == 0 and run.step < tc.iterations:
