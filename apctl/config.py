@@ -199,6 +199,17 @@ class TrainingConfig:
     keep_checkpoints: int = field(default=2, metadata=_range(1))
     # EMA-only snapshots every this many iterations for curves over training (0 = off); never pruned
     snapshot_every: int = field(default=0, metadata=_range(0))
+    # rows one device computes at once; the per-process share batch_size / world is accumulated over
+    # share / batch_per_device micro-batches (EDM's --batch-gpu). 0: the whole share at once
+    batch_per_device: int = field(default=0, metadata=_range(0))
+    # learning rate of step k: lr · min(1, (k + 1)/lr_warmup) · decay, decay by lr_schedule from 1 at the
+    # end of the warm-up to lr_floor (a fraction of lr) at step `iterations` (training/schedule.py)
+    lr_warmup: int = field(default=0, metadata=_range(0))
+    lr_schedule: str = field(default="constant", metadata=_choice("constant", "cosine", "linear"))
+    lr_floor: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    max_skipped_steps: int = field(default=20, metadata=_range(1))
+    tensorboard: bool = False      # also log to <run>/tensorboard (needs the tensorboard package)
 
 
 @dataclass

@@ -113,10 +113,24 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
             ("target EMA μ", f"{o.target_ema:g}"),
         ]
     rows += [
-        ("optimizer", f"{tr.optimizer}, lr {tr.lr:g}"),
+        ("optimizer", f"{tr.optimizer}, lr {tr.lr:g}" + _lr_schedule(tr)),
         ("evaluation EMA", f"{tr.ema_decay:g}"),
         ("iterations", f"{tr.iterations:,}"),
         ("precision", tr.precision),
-        ("batch", f"{tr.batch_size} global = {world} device(s) × {tr.batch_size // world} per device"),
+        ("batch", _batch(tr, world)),
     ]
     return rows
+
+
+def _lr_schedule(tr) -> str:
+    warm = f", warm-up {tr.lr_warmup:,} steps" if tr.lr_warmup else ""
+    decay = f", {tr.lr_schedule} decay to {tr.lr_floor:g}·lr" if tr.lr_schedule != "constant" else ""
+    return warm + decay
+
+
+def _batch(tr, world: int) -> str:
+    share = tr.batch_size // world
+    line = f"{tr.batch_size} global = {world} device(s) × {share} per device"
+    if 0 < tr.batch_per_device < share:
+        line += f", accumulated over {share // tr.batch_per_device} micro-batches of {tr.batch_per_device}"
+    return line

@@ -5,7 +5,7 @@ Measured, in one process and on one thread, per preset (statistics shrunk to 16 
 samples, no evaluation: neither is timed):
 
 (a) the full step, `apctl.training.step.train_step(run, step, run.student)`;
-(b) the same step taken apart, with the same generators (`step_generator`, `shared_generator`), hence
+(b) the same step taken apart, with the same draws (`step_draws`, `shared_generator`), hence
     the same data, the same k (one per step, p(k) ∝ k), i, j, ε and DSM σ, and the same shapes:
     draws · teacher Heun chain of k steps (`objective.teacher_steps`) · student inner jump
     G_θ(x_t, t, s) · θ⁻ outer jump to σ_min (grad-enabled) · target branch (θ inner + θ⁻ outer, no grad)
@@ -76,7 +76,7 @@ def decomposed_step(run, step: int) -> tuple[dict[str, float], torch.Tensor]:
     from apctl.objectives.consistency import _unwrap, adaptive_weight, dsm_sigmas
     from apctl.preconditioning.table import jump_on_grid
     from apctl.training.ema import ema_update
-    from apctl.training.step import shared_generator, step_generator
+    from apctl.training.step import shared_generator, step_draws
 
     cfg, tc, obj = run.cfg, run.cfg.training, run.objective
     student, target, table = run.student, run.target, run.objective.table
@@ -84,17 +84,17 @@ def decomposed_step(run, step: int) -> tuple[dict[str, float], torch.Tensor]:
     clock = time.perf_counter
 
     t0 = clock()
-    # The generator draws in train_step's order: data, indices, ε, DSM σ, DSM noise.
-    gen = step_generator(cfg.run.seed, 0, step)
+    # The per-sample draws in train_step's order (one micro-batch): data, indices, ε, DSM σ, DSM noise.
+    gen = step_draws(cfg.run.seed, step, range(tc.batch_size), tc.batch_size)
     x0, labels = run.data_source.sample(tc.batch_size, gen)
     x0 = x0.to(run.device)
     labels = None if labels is None else labels.to(run.device)
     B, shape = x0.shape[0], (-1,) + (1,) * (x0.dim() - 1)
     i, k, j, k_max = obj.sample_indices(B, gen, shared_generator(cfg.run.seed, step))
-    eps = torch.randn(x0.shape, generator=gen).to(x0)
+    eps = gen.randn(x0.shape[1:]).to(x0)
     x_t = x0 + table.sigma[i].to(x0.dtype).view(shape) * eps
     sigma = dsm_sigmas(B, obj.dsm_sigma_law, obj.dsm_uniform_fraction, gen).to(device=run.device, dtype=torch.float32)
-    noise = torch.randn(x0.shape, generator=gen).to(x0)
+    noise = gen.randn(x0.shape[1:]).to(x0)
     t1 = clock(); times[COUNTED[0]] = t1 - t0
 
     x_u = obj.teacher_steps(x_t, i, k, k_max, labels)
@@ -171,9 +171,9 @@ def check_parity(run, step: int) -> float:
 
 
 def k_of(run, step: int) -> int:
-    from apctl.training.step import shared_generator, step_generator
+    from apctl.training.step import shared_generator, step_draws
 
-    gen = step_generator(run.cfg.run.seed, 0, step)
+    gen = step_draws(run.cfg.run.seed, step, range(run.cfg.training.batch_size), run.cfg.training.batch_size)
     run.data_source.sample(run.cfg.training.batch_size, gen)
     return run.objective.sample_indices(run.cfg.training.batch_size, gen, shared_generator(run.cfg.run.seed, step))[3]
 

@@ -15,7 +15,9 @@ Seams (test-only, each where the work is legitimately host-side or where fake te
   which fixes every device, runs in full, and so do clipping, the optimizer, the target and the EMA;
 * Analytic-Precond's coefficients are evaluated from host numbers (scipy): on a fake CPU tensor they are
   computed with fake mode suspended, at placeholder times of the same shape (values do not matter here);
-* the statistics' one host read at the end (`to_host`) returns placeholder zeros.
+* the statistics' one host read at the end (`to_host`) returns placeholder zeros;
+* the step's one host read (`guard.step_is_finite`: take the step?) checks that the loss and the gradient
+  norm it is given are on the device and answers "take it".
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorDeviceMismatchEr
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import apctl.preconditioning.statistics as statistics_module
+from apctl.training import guard
 from apctl.presets import load_config
 from apctl.metrics.alignment import AlignmentProbe
 from apctl.networks import EDM_PRESET_KWARGS, build_network
@@ -131,6 +134,12 @@ def seams(monkeypatch, run=None):
                     return sample(*args)
 
             monkeypatch.setattr(run.data_source, "sample", host_sample)
+
+        def take_the_step(loss, grad_norm):
+            assert loss.device == CUDA and grad_norm.device == CUDA, (loss.device, grad_norm.device)
+            return True
+
+        monkeypatch.setattr(guard, "step_is_finite", take_the_step)
 
     def grad(outputs, inputs, *args, **kwargs):
         inputs = (inputs,) if torch.is_tensor(inputs) else tuple(inputs)

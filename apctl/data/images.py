@@ -106,21 +106,25 @@ class ImageData:
         labels = torch.from_numpy(np.ascontiguousarray(self.labels[self._index(indices)]))
         return torch.nn.functional.one_hot(labels, num_classes=self.label_dim).to(torch.float32)
 
-    def sample_batch(self, generator: torch.Generator, batch_size: int, xflip: bool = False
+    def sample_batch(self, generator, batch_size: int, xflip: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A random batch: (images float32 (B, C, H, W) in [-1, 1], one-hot labels (B, label_dim) or None).
 
-        Indices are drawn uniformly with replacement from `generator` (a CPU torch.Generator);
-        with `xflip`, each image is then mirrored left-right with probability 1/2, using a second
-        draw from the same generator. The result depends only on the generator state, and the
-        indices are the same whether xflip is on or off (the flip draw comes after them).
+        Indices are drawn uniformly with replacement from `generator` (a CPU torch.Generator, or a
+        training step's per-sample draws, apctl/draws.py); with `xflip`, each image is then mirrored
+        left-right with probability 1/2, using a second draw from the same generator. The result
+        depends only on the generator state, and the indices are the same whether xflip is on or off
+        (the flip draw comes after them).
         """
+        from apctl.draws import as_draws
+
         if len(self) == 0:
             raise ValueError("cannot sample from an empty dataset")
-        idx = torch.randint(0, len(self), (int(batch_size),), generator=generator, device="cpu")
+        draws = as_draws(generator, int(batch_size))
+        idx = draws.randint(len(self))
         batch = np.ascontiguousarray(self.images[idx.numpy()])
         if xflip:
-            flip = (torch.rand(batch.shape[0], generator=generator, device="cpu") < 0.5).numpy()
+            flip = (draws.rand() < 0.5).numpy()
             batch[flip] = batch[flip][..., ::-1]
         return _to_float(batch), self.one_hot(idx)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from apctl.config import DataConfig
+from apctl.draws import as_draws
 from apctl.data.images import ImageData
 
 
@@ -18,13 +19,15 @@ class TeacherSamples:
         self.shape = teacher.shape
         self.label_dim = teacher.label_dim if conditional else 0
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(self, batch_size: int, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`generator`: a CPU torch.Generator or a step's per-sample draws (apctl/draws.py)."""
+        draws = as_draws(generator, batch_size)
         if not self.label_dim:
-            return self.teacher.sample(batch_size, generator).float(), None
+            return self.teacher.sample(batch_size, draws).float(), None
         # Draws on the CPU generator from host copies (the teacher may live on a GPU).
-        k = torch.multinomial(self.teacher.log_weights.cpu().exp(), batch_size, replacement=True, generator=generator)
+        k = draws.categorical(self.teacher.log_weights.cpu().exp())
         classes = self.teacher.classes.cpu()[k]
-        x0 = self.teacher.sample(batch_size, generator, labels=classes).float()
+        x0 = self.teacher.sample(batch_size, draws, labels=classes).float()
         return x0, torch.nn.functional.one_hot(classes, self.label_dim).float()
 
 
@@ -38,7 +41,8 @@ class DatasetSamples:
         self.shape = data.image_shape
         self.label_dim = data.label_dim
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(self, batch_size: int, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`generator`: a CPU torch.Generator or a step's per-sample draws (apctl/draws.py)."""
         return self.data.sample_batch(generator, batch_size, xflip=self.xflip)
 
 

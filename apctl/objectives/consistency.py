@@ -10,8 +10,9 @@ CTM (Kim et al. 2024), as sony/ctm trains it (docs/math.md, "CTM as the referenc
     estimate = G_{θ⁻}(G_θ(x_t, t, s), s, σ_min)          gradient into θ through the outer jump's input
     target   = G_{θ⁻}(G_θ̄(x̂_u, u, s), s, σ_min)          no grad; θ̄ = θ ("student", CTM's model_sg) or θ⁻
     DSM      = w(σ)·mean_i (D_θ(x_0 + σ·ε', σ, σ) − x_0)²,  w(σ) = (σ² + σ_d²)/(σ·σ_d)²  (EDM's weight)
-               σ: first half of the batch ln σ ~ N(−1.2, 1.2²), second half σ = ramp(r), r ~ U[0, 0.7)
-               on the Karras ρ-ramp ("halflognormal"; "lognormal": all of the batch)
+               σ: rows of odd global index ln σ ~ N(−1.2, 1.2²), even ones σ = ramp(r), r ~ U[0, 0.7)
+               on the Karras ρ-ramp ("halflognormal": CTM's half and half — ⌊b/2⌋ lognormal rows in
+               any b rows from an even index — in every micro-batch; "lognormal": every row)
     loss     = mean d(estimate, target) + mean λ·DSM,
                λ = clamp(‖∇_W L_CTM‖ / (‖∇_W L_DSM‖ + 1e-4), 0, 1e4), W the student's output layer
                (recomputed every step, detached; "fixed": λ = dsm_weight)
@@ -24,7 +25,9 @@ G(x, t_a, t_b) = f·x + g·D(x, t_a, t_b) with (f, g) looked up in the run's on-
 table (computed once, in float64, for every pair of grid levels). Jumps to σ_min are made for every
 row, including rows already at σ_min, where G is the identity (f = 1, g = 0) — as in CTM's code,
 and without a data-dependent branch. Nothing in a step reads a device value on the host.
-Each objective returns (loss, logs) with logs as detached device tensors.
+Each objective returns (loss, logs) with logs as detached device tensors. Per-sample draws come from
+`gen`, a CPU torch.Generator or a training step's per-sample draws (apctl/draws.py: a sample's values
+depend on its index in the global batch, not on the micro-batch it is computed in).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from apctl.config import ObjectiveConfig
+from apctl.draws import as_draws
 from apctl.errors import ApctlError
 from apctl.objectives.distances import build_distance
 from apctl.preconditioning.table import CoefficientTable, jump_on_grid
@@ -57,29 +61,32 @@ def ctm_indices(N: int, K: int, batch: int, law: str, gen: torch.Generator, shar
     weighted: k shared by the batch (from `shared_gen`, equal on every rank), i ~ U{0…N−1−k}, j ~ U{i+k…N−1}.
     uniform:  i ~ U{0…N−2}, k ~ U{1…min(K, N−1−i)}, j ~ U{i+k…N−1}, all per sample.
     """
+    draws = as_draws(gen, batch)
     if law == "weighted":
         k_max = weighted_teacher_steps(min(K, N - 1), shared_gen)
         k = torch.full((batch,), k_max, dtype=torch.long)
-        i = (torch.rand(batch, generator=gen, dtype=torch.float64) * (N - k)).long()
+        i = (draws.rand(dtype=torch.float64) * (N - k)).long()
     elif law == "uniform":
-        i = torch.randint(0, N - 1, (batch,), generator=gen)
+        i = draws.randint(N - 1)
         k_top = torch.clamp(N - 1 - i, max=K)
-        k = 1 + (torch.rand(batch, generator=gen, dtype=torch.float64) * k_top).long()
+        k = 1 + (draws.rand(dtype=torch.float64) * k_top).long()
         k_max = int(k.max())
     else:
         raise ApctlError(f"unknown teacher-step law {law!r}")
-    j = i + k + (torch.rand(batch, generator=gen, dtype=torch.float64) * (N - i - k)).long()
+    j = i + k + (draws.rand(dtype=torch.float64) * (N - i - k)).long()
     return i, k, j, k_max
 
 
-def dsm_sigmas(batch: int, law: str, uniform_fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """σ of the DSM term (float64, CPU): CTM's "halflognormal" or EDM's "lognormal" (see module docstring)."""
-    sigma = (torch.randn(batch, generator=gen, dtype=torch.float64) * P_STD + P_MEAN).exp()
+def dsm_sigmas(batch: int, law: str, uniform_fraction: float, gen) -> torch.Tensor:
+    """σ of the DSM term (float64, CPU): CTM's "halflognormal" or EDM's "lognormal" (see module docstring).
+    Which half a row belongs to is the parity of its index in the (global) batch, so a row's σ does not
+    depend on the micro-batch it falls in, and every micro-batch is half and half as in CTM's code."""
+    draws = as_draws(gen, batch)
+    sigma = (draws.randn(dtype=torch.float64) * P_STD + P_MEAN).exp()
     if law == "halflognormal":
-        half = batch // 2
-        r = torch.rand(batch - half, generator=gen, dtype=torch.float64) * uniform_fraction
+        r = draws.rand(dtype=torch.float64) * uniform_fraction
         ramp = (SIGMA_MAX ** (1 / RHO) + r * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
-        sigma = torch.cat([sigma[:half], ramp])
+        sigma = torch.where(draws.rows() % 2 == 1, sigma, ramp)
     elif law != "lognormal":
         raise ApctlError(f"unknown DSM σ law {law!r}")
     return sigma
@@ -158,9 +165,10 @@ class CTMObjective(_GridObjective):
                  shared_gen: torch.Generator):
         B, device = x0.shape[0], x0.device
         shape = (-1,) + (1,) * (x0.dim() - 1)
+        draws = as_draws(gen, B)
         i, k, j, k_max = (v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                          for v in self.sample_indices(B, gen, shared_gen))
-        eps = torch.randn(x0.shape, generator=gen).to(x0)
+                          for v in self.sample_indices(B, draws, shared_gen))
+        eps = draws.randn(x0.shape[1:]).to(x0)
         x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
         x_u = self.teacher_steps(x_t, i, k if self.teacher_steps_law == "uniform" else None, k_max, labels)
 
@@ -171,8 +179,8 @@ class CTMObjective(_GridObjective):
             goal = self.to_sigma_min(target, jump_on_grid(self.table, inner_net, x_u, i + k, j, labels), j, labels)
         consistency = self.distance(estimate, goal).mean()
 
-        sigma = dsm_sigmas(B, self.dsm_sigma_law, self.dsm_uniform_fraction, gen).to(device=device, dtype=torch.float32)
-        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        sigma = dsm_sigmas(B, self.dsm_sigma_law, self.dsm_uniform_fraction, draws).to(device=device, dtype=torch.float32)
+        noise = draws.randn(x0.shape[1:]).to(x0)
         denoised = student(x0 + sigma.to(x0.dtype).view(shape) * noise, sigma, sigma, labels)
         w = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         dsm = (w * (denoised - x0).float().pow(2).flatten(1).mean(1)).mean()
@@ -192,8 +200,9 @@ class CDObjective(_GridObjective):
                  shared_gen: torch.Generator):
         B, device = x0.shape[0], x0.device
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        i = torch.randint(0, len(self.grid) - 1, (B,), generator=gen).to(device, non_blocking=True)
-        eps = torch.randn(x0.shape, generator=gen).to(x0)
+        draws = as_draws(gen, B)
+        i = draws.randint(len(self.grid) - 1).to(device, non_blocking=True)
+        eps = draws.randn(x0.shape[1:]).to(x0)
         x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
         x_u = self.teacher_steps(x_t, i, None, 1, labels)
         estimate = self.to_sigma_min(student, x_t, i, labels)

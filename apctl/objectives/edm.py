@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from apctl.draws import as_draws
 from apctl.schedules import SIGMA_DATA
 
 
@@ -28,8 +29,9 @@ class EDMObjective:
     def __call__(self, net: nn.Module, target, x0: torch.Tensor, labels, gen: torch.Generator,
                  shared_gen: torch.Generator):
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        sigma = (torch.randn(x0.shape[0], generator=gen) * self.p_std + self.p_mean).exp().to(x0.device)
-        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        draws = as_draws(gen, x0.shape[0])     # a torch.Generator or a step's per-sample draws
+        sigma = (draws.randn() * self.p_std + self.p_mean).exp().to(x0.device)
+        noise = draws.randn(x0.shape[1:]).to(x0)
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         denoised = net(x0 + sigma.to(x0.dtype).view(shape) * noise, sigma, labels)
         loss = (weight * (denoised - x0).float().pow(2).flatten(1).sum(1)).mean()

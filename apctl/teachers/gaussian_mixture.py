@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from apctl.draws import as_draws
+
 
 @dataclass
 class _Posterior:
@@ -167,19 +169,21 @@ class GaussianMixtureTeacher:
         flat, t = self._flatten(x, sigma)
         return self._posterior(flat, t).D.reshape(x.shape).to(x.dtype)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, n: int, generator=None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Exact samples x_0, shape (n, *shape), on the teacher's device; with integer `labels` (n,),
         drawn from those classes.
 
-        The draws come from `generator` (a CPU generator) on the CPU, from the host copies of the
-        weights and classes, and only then move to the device: no device value is read on the host.
+        The draws come from `generator` (a CPU torch.Generator, or the per-sample draws of a training
+        step, apctl/draws.py) on the CPU, from the host copies of the weights and classes, and only
+        then move to the device: no device value is read on the host.
         """
+        draws = as_draws(generator, n)
         logits = self._host_log_weights.expand(n, -1).clone()
         if labels is not None:
             member = self.class_indices(labels.cpu())[:, None] == self._host_classes[None, :]
             logits = logits.masked_fill(~member, -math.inf)
-        k = torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1).to(self.device)
-        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64).to(self.device)
+        k = draws.categorical(logits.softmax(dim=1)).to(self.device)
+        noise = draws.randn((self.dim,), dtype=torch.float64).to(self.device)
         return (self.means[k] + self.variances[k].sqrt() * noise).reshape(n, *self.shape)
 
     # --- internals --------------------------------------------------------------------------------

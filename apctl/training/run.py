@@ -4,8 +4,10 @@ Read top to bottom: `prepare` builds the teacher, data, statistics, precondition
 student, target network θ⁻, evaluation EMA and optimizer, and restores the latest checkpoint of
 the run directory if there is one; `alignment_probe` measures the EMA student against the teacher's
 ODE during training; `train` is the loop; `finish` writes the final samples and a summary. Every
-random draw of step k comes from a generator seeded by (run seed, rank, k), so a resumed run repeats
-an uninterrupted one exactly.
+random draw of step k is a function of (run seed, k, the sample's index in the global batch) — dropout
+of (seed, rank, k) — and the learning rate a function of k, so a resumed run repeats an uninterrupted
+one exactly (training/step.py). A step with a non-finite loss or gradient is skipped, too many in a
+row stop the run, and no non-finite checkpoint is written (training/guard.py).
 """
 
 from __future__ import annotations
@@ -25,17 +27,21 @@ from apctl.presets import config_to_toml
 from apctl.errors import ApctlError, RunStopped
 from apctl.files import WRITE_ERRNOS, atomic_write, remove_stale_temporaries, write_error
 from apctl.plots import write_metrics_figure
-from apctl.training import distributed
+from apctl.training import distributed, guard
+from apctl.training.ema import frozen_copy
 from apctl.training.lock import RunLock, check_unlocked
 from apctl.training.run_directory import NewEntries, check_run_directory
+from apctl.training.schedule import learning_rate
 from apctl.training.signals import StopSignals, exit_code, signal_name
-from apctl.training.ema import frozen_copy
 from apctl.training.snapshots import save_snapshot
-from apctl.training.step import step_generator, train_step  # noqa: F401 (step_generator re-exported)
+from apctl.training.step import micro_batches, step_generator, train_step  # noqa: F401 (step_generator re-exported)
+from apctl.training.tensorboard_sink import open_tensorboard, tensorboard_sink_available
 
-# Keys that may change between a run and its resumption (they do not change what is learned).
+# Keys that may change between a run and its resumption (they do not change what is learned;
+# batch_per_device changes float rounding only, see training/step.py).
 RESUMABLE_CHANGES = ("training.iterations", "training.log_every", "training.checkpoint_every",
-                     "training.keep_checkpoints", "training.eval_every", "training.snapshot_every", "eval.")
+                     "training.keep_checkpoints", "training.eval_every", "training.snapshot_every",
+                     "training.batch_per_device", "training.max_skipped_steps", "training.tensorboard", "eval.")
 
 
 class Reporter(Protocol):
@@ -117,10 +123,12 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ, ignoring the keys a resumed run may change."""
+    """Dotted keys whose values differ, ignoring the keys a resumed run may change — but for
+    training.iterations under a decaying learning-rate schedule, whose length it sets."""
     a, b = _flat(old), _flat(new)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    fixed = {"training.iterations"} if b.get("training.lr_schedule", "constant") != "constant" else set()
+    return [k for k in keys if a.get(k) != b.get(k) and (k in fixed or not k.startswith(RESUMABLE_CHANGES))]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -150,9 +158,9 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     statistics) before writing anything, then take the run directory's lock and build the run."""
     reporter = reporter or SilentReporter()
     run_dir = Path(run_dir)
-    world = distributed.world_size()
-    if cfg.training.batch_size % world:
-        raise ApctlError(f"training.batch_size = {cfg.training.batch_size} is not divisible by the {world} processes")
+    micro_batches(cfg.training.batch_size, distributed.world_size(), distributed.rank(), cfg.training.batch_per_device)
+    if cfg.training.tensorboard:
+        tensorboard_sink_available()
     check_run_directory(run_dir)
     check_unlocked(run_dir)
     latest = load_latest_checkpoint(run_dir / "checkpoints", reporter.message)
@@ -237,7 +245,7 @@ def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data
     target = frozen_copy(student).train() if distilling else None
     ema = frozen_copy(student).eval()
     opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.training.optimizer]
-    optimizer = opt_cls(student.parameters(), lr=cfg.training.lr)
+    optimizer = opt_cls(student.parameters(), lr=learning_rate(cfg.training, 0))
     objective = build_objective(cfg.objective, teacher, precond).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
     run = Run(cfg, run_dir, teacher, data_source, precond, objective, student, target, ema, optimizer,
@@ -283,29 +291,38 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def save(run: Run, logs: dict | None = None) -> Path | None:
+    """Checkpoint the run at `run.step` from rank 0, after every rank has checked that the state is
+    finite (the ranks hold the same state, so they refuse together)."""
+    precond_state = {f"precond.{k}": v for k, v in run.precond.state_dict().items()} if run.precond else {}
+    networks = {"student": run.student, "target": run.target, "ema": run.ema}
+    state = {f"{name}.{k}": v for name, net in networks.items() if net is not None for k, v in net.state_dict().items()}
+    state.update({f"optim.{i}.{k}": v for i, s in run.optimizer.state_dict()["state"].items() for k, v in s.items()})
+    guard.check_finite(dict(state, **precond_state), run.step)
     if not distributed.is_main():
         return None
     meta = {"config": run.cfg.to_dict(), "student": run.arch,
             "teacher_fingerprint": run.teacher.fingerprint() if run.teacher is not None else "",
-            "scaler": run.scaler.state_dict(), "logs": logs or {}}
-    precond_state = {f"precond.{k}": v for k, v in run.precond.state_dict().items()} if run.precond else {}
-    networks = {"student": run.student, "target": run.target, "ema": run.ema}
+            "scaler": run.scaler.state_dict(), "logs": guard.json_safe(logs or {})}
     path = save_checkpoint(run.checkpoint_dir, run.step, meta, {k: v for k, v in networks.items() if v is not None},
                            run.optimizer, extra_tensors=precond_state, keep=run.cfg.training.keep_checkpoints)
     write_metrics_figure(run.run_dir / "metrics.jsonl", title=f"{run.cfg.run.name}, step {run.step}")
     return path
 
 
-def _log(run: Run, path: Path, logs: dict) -> None:
+def _log(run: Run, path: Path, logs: dict, sink=None) -> None:
+    """Append one metrics line (strict JSON: non-finite values as null, see training/guard.py) and
+    hand the logs to the TensorBoard sink if there is one."""
     run.history.append(logs)
     if distributed.is_main():
         try:
             with open(path, "a") as fh:        # an append: a cut-short last line is dropped on resume
-                fh.write(json.dumps(logs) + "\n")
+                fh.write(json.dumps(guard.json_safe(logs), allow_nan=False) + "\n")
         except OSError as exc:
             if exc.errno in WRITE_ERRNOS:
                 raise write_error(path, exc) from None
             raise
+        if sink is not None:
+            sink.write(logs)
 
 
 def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
@@ -331,38 +348,49 @@ def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
 def _train(run: Run, reporter: Reporter, probe, stop: StopSignals) -> Run:
     tc = run.cfg.training
     world, rank = distributed.world_size(), distributed.rank()
-    per_rank = tc.batch_size // world
+    distributed.check_same_weights({"student": run.student, "target": run.target, "ema": run.ema}, run.step)
     model = run.student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(run.student)
     metrics_path = run.run_dir / "metrics.jsonl"
+    sink = open_tensorboard(run.run_dir) if tc.tensorboard and distributed.is_main() else None
     if probe is not None and tc.eval_every and run.step == 0:
-        _log(run, metrics_path, dict(probe(run), step=0))
+        _log(run, metrics_path, dict(probe(run), step=0), sink)
     reporter.start(run.step, tc.iterations)
     clock, last_logged = time.perf_counter(), run.step
+    skips = guard.ConsecutiveSkips(tc.max_skipped_steps)
     sums: dict[str, torch.Tensor] = {}
     logs: dict[str, float] = {}
     while run.step < tc.iterations:
-        step_logs = train_step(run, run.step, model, rank, per_rank)
+        step_logs = train_step(run, run.step, model, rank, world)
         for key, value in step_logs.items():       # summed on the device; read once per log line
             sums[key] = sums.get(key, 0) + value.detach().float()
         run.step += 1
+        skips.record(run.step, bool(step_logs["skipped"]))     # known on the host already (training/guard.py)
 
         # The final step is always measured, so the last line and samples.png describe the same model.
         evaluate = probe is not None and (run.step % tc.eval_every == 0 or run.step == tc.iterations)
-        if run.step % tc.log_every == 0 or run.step == tc.iterations or evaluate:
+        if run.step % tc.log_every == 0 or run.step == tc.iterations or evaluate or skips.exhausted:
             now = time.perf_counter()
             steps = run.step - last_logged
+            # Every rank computes the same number of rows, so the mean over ranks of each rank's
+            # interval mean is the interval mean over the global batch (grad_norm: equal on every rank).
             logs = {key: value / steps for key, value in distributed.mean_over_ranks(sums).items()}
-            logs = dict(logs, step=run.step, it_per_s=steps / max(now - clock, 1e-9), time=time.time(),
-                        lr=run.optimizer.param_groups[0]["lr"], peak_memory_mb=peak_memory_mb(run.device))
+            images_per_s = steps * tc.batch_size / max(now - clock, 1e-9)
+            logs = dict(logs, step=run.step, it_per_s=steps / max(now - clock, 1e-9), images_per_s=images_per_s,
+                        s_per_kimg=1000 / images_per_s, time=time.time(), lr=run.optimizer.param_groups[0]["lr"],
+                        peak_memory_mb=distributed.max_over_ranks(peak_memory_mb(run.device)))
             if run.scaler.is_enabled():
                 logs["loss_scale"] = run.scaler.get_scale()
             clock, last_logged, sums = now, run.step, {}
-            if evaluate:
+            if evaluate and not skips.exhausted:
                 logs.update(probe(run))
-            _log(run, metrics_path, logs)
+            _log(run, metrics_path, logs, sink)
         reporter.step(run.step, logs)
+        if skips.exhausted:                         # diverged: stop without another checkpoint
+            if sink is not None:
+                sink.close()
+            raise skips.error()
         if run.step % tc.checkpoint_every == 0 and run.step < tc.iterations:
             save(run, logs)
         snapshot = save_snapshot(run)               # EMA-only, every training.snapshot_every steps
@@ -371,7 +399,8 @@ def _train(run: Run, reporter: Reporter, probe, stop: StopSignals) -> Run:
         if signum := stop.requested(run.step):      # SIGTERM / SIGINT: stop after the step that was running
             _stop(run, logs, signum)
     save(run, logs)
-    reporter.finish()
+    if sink is not None:
+        sink.close()
     return run
 
 
