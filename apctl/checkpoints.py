@@ -245,7 +245,8 @@ def _check_arch_sizes(value: Any, where: str, bad: Callable[[str], Exception]) -
             raise bad(f"{where} has {len(value)} entries (at most {MAX_ARCH_LIST})")
         for i, v in enumerate(value):
             _check_arch_sizes(v, f"{where}[{i}]", bad)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_ARCH_INT:
+    # Integers only: sizes are integers, while floats such as EDMPrecond's sigma_max may be inf.
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ARCH_INT:
         raise bad(f"{where} = {value} is beyond any network apctl builds")
 
 
@@ -262,7 +263,9 @@ def check_weights(ckpt: Checkpoint) -> None:
         cfg = config_from_dict(ckpt.meta["config"], source=f"{path} (saved config)")
     except ApctlError as exc:
         raise CorruptCheckpointError(str(exc)) from None
-    groups = ["student", "ema"] + (["target"] if distills(cfg.objective) else [])
+    # A snapshot (training/snapshots.py) holds the evaluation EMA alone.
+    snapshot = ckpt.meta.get("snapshot") is True
+    groups = ["ema"] if snapshot else ["student", "ema"] + (["target"] if distills(cfg.objective) else [])
     for group in groups:
         if not ckpt.group(group):
             raise CorruptCheckpointError(f"{path.with_suffix('.safetensors')} holds no '{group}.*' tensors, "

@@ -129,7 +129,7 @@ def test_shared_generator_is_one_stream_per_step_for_every_rank():
 # checkpoint_every, keep_checkpoints or [eval] is allowed; any other change is refused with the keys that differ".
 ALLOWED = {"training.iterations", "training.log_every", "training.eval_every", "training.checkpoint_every",
            "training.keep_checkpoints", "training.batch_per_device", "training.max_skipped_steps",
-           "training.tensorboard"}
+           "training.tensorboard", "training.snapshot_every"}
 
 
 def _leaves(d, prefix=""):

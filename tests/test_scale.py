@@ -42,7 +42,9 @@ def _run(tmp_path: Path, name: str, *overrides: str):
     from apctl.training.run import prepare, train
 
     cfg, _ = load_config("toy2d", [*TOY, *overrides])
-    return train(prepare(cfg, tmp_path / name))
+    run = train(prepare(cfg, tmp_path / name))
+    run.close()                  # release the run directory's lock, as the CLI does, so it can be resumed
+    return run
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
