@@ -174,6 +174,15 @@ def test_config_differences_follow_the_user_guide():
         assert got == ([] if allowed else [key]), (key, got)
 
 
+def test_keys_added_since_a_run_was_saved_are_unchanged_at_their_default():
+    """A checkpoint written before a key existed resumes when the key holds its default, not otherwise."""
+    base = Config().to_dict()
+    old = _with(base, "training.lr", 1e-3)
+    del old["training"]["lr_warmup"], old["training"]["lr_schedule"]
+    assert config_differences(old, _with(base, "training.lr", 1e-3)) == []
+    assert config_differences(old, _with(_with(base, "training.lr", 1e-3), "training.lr_warmup", 10)) == ["training.lr_warmup"]
+
+
 def test_config_differences_reports_added_and_removed_keys_in_order():
     """Keys present on one side only differ too; the report is sorted; resumable keys stay ignored."""
     base = Config().to_dict()

@@ -124,11 +124,18 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ, ignoring the keys a resumed run may change — but for
-    training.iterations under a decaying learning-rate schedule, whose length it sets."""
-    a, b = _flat(old), _flat(new)
+    training.iterations under a decaying learning-rate schedule, whose length it sets. A key the old
+    config lacks (added to apctl after the run was saved) is unchanged when the new one holds its default."""
+    a, b, defaults = _flat(old), _flat(new), _flat(Config().to_dict())
     keys = sorted(set(a) | set(b))
     fixed = {"training.iterations"} if b.get("training.lr_schedule", "constant") != "constant" else set()
-    return [k for k in keys if a.get(k) != b.get(k) and (k in fixed or not k.startswith(RESUMABLE_CHANGES))]
+
+    def differs(k: str) -> bool:
+        if k not in a and k in b and k in defaults:
+            return b[k] != defaults[k]
+        return a.get(k) != b.get(k)
+
+    return [k for k in keys if differs(k) and (k in fixed or not k.startswith(RESUMABLE_CHANGES))]
 
 
 def peak_memory_mb(device: torch.device) -> float:
