@@ -6,13 +6,20 @@ with Φ_teacher the teacher's PF-ODE solved accurately (many Heun steps), both l
 Sliced Wasserstein-2 between equally many samples a, b of dimension d:
     SW₂(a, b) = √( mean_k W₂²(⟨a, θ_k⟩, ⟨b, θ_k⟩) ),   θ_k uniform on the unit sphere,
 where the 1-D W₂² of two equal-size samples is the mean squared difference of their sorted values.
+
+For exact (Gaussian-mixture) teachers whose components all have a positive std, the probe also
+counts samples beyond 3σ of the nearest mode (`mode_outliers.py`): the student's, the teacher ODE's
+and, as the scale, exact samples' (drawn from the probe's seed, as many as the probe holds).
 """
 
 from __future__ import annotations
 
 import torch
 
+from apctl.metrics.mode_outliers import fraction_beyond
 from apctl.sampling import teacher_sample
+
+N_SIGMA = 3.0
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,7 +56,18 @@ class AlignmentProbe:
         labels = None if self.labels is None else self.labels.to(teacher.device)
         reference = teacher_sample(teacher, self.z.to(teacher.device), teacher_steps, labels, progress=progress)
         self.reference = reference.float().cpu()
+        # Exact teachers are Gaussian mixtures (means, variances: (K, d)); a Dirac component has no σ.
+        self.modes = None
+        self.beyond_3sigma: dict[str, float] = {}
+        if teacher.exact and bool((teacher.variances > 0).all()):
+            self.modes = (teacher.means.cpu(), teacher.variances.cpu())
+            exact = teacher.sample(n, torch.Generator().manual_seed(seed + 1), labels)
+            self.beyond_3sigma = {"teacher_ode": fraction_beyond(self.reference, *self.modes, N_SIGMA),
+                                  "exact": fraction_beyond(exact, *self.modes, N_SIGMA)}
 
     def measure(self, samples: torch.Tensor) -> dict[str, float]:
         samples = samples.cpu()
-        return {"alignment_rms": rms(samples, self.reference), "sliced_w2": sliced_wasserstein(samples, self.reference)}
+        out = {"alignment_rms": rms(samples, self.reference), "sliced_w2": sliced_wasserstein(samples, self.reference)}
+        if self.modes is not None:
+            out["beyond_3sigma"] = fraction_beyond(samples, *self.modes, N_SIGMA)
+        return out
