@@ -14,6 +14,8 @@ and, as the scale, exact samples' (drawn from the probe's seed, as many as the p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from apctl.metrics.mode_outliers import fraction_beyond
@@ -56,14 +58,26 @@ class AlignmentProbe:
         labels = None if self.labels is None else self.labels.to(teacher.device)
         reference = teacher_sample(teacher, self.z.to(teacher.device), teacher_steps, labels, progress=progress)
         self.reference = reference.float().cpu()
-        # Exact teachers are Gaussian mixtures (means, variances: (K, d)); a Dirac component has no σ.
-        self.modes = None
-        self.beyond_3sigma: dict[str, float] = {}
-        if teacher.exact and bool((teacher.variances > 0).all()):
-            self.modes = (teacher.means.cpu(), teacher.variances.cpu())
-            exact = teacher.sample(n, torch.Generator().manual_seed(seed + 1), labels)
-            self.beyond_3sigma = {"teacher_ode": fraction_beyond(self.reference, *self.modes, N_SIGMA),
-                                  "exact": fraction_beyond(exact, *self.modes, N_SIGMA)}
+        self._teacher, self._seed = teacher, seed
+
+    @functools.cached_property
+    def modes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mixture's (means, variances) when the teacher is exact and no component is a Dirac (no σ),
+        else None. Computed on first use: building a probe reads no value."""
+        if not self._teacher.exact:
+            return None
+        means, variances = self._teacher.components()
+        return (means, variances) if bool((variances > 0).all()) else None
+
+    @functools.cached_property
+    def beyond_3sigma(self) -> dict[str, float]:
+        """{"teacher_ode", "exact"}: the teacher ODE's and exact samples' own fractions beyond 3σ ({} without modes)."""
+        if self.modes is None:
+            return {}
+        labels = None if self.labels is None else self.labels.to(self._teacher.device)
+        exact = self._teacher.sample(self.z.shape[0], torch.Generator().manual_seed(self._seed + 1), labels)
+        return {"teacher_ode": fraction_beyond(self.reference, *self.modes, N_SIGMA),
+                "exact": fraction_beyond(exact, *self.modes, N_SIGMA)}
 
     def measure(self, samples: torch.Tensor) -> dict[str, float]:
         samples = samples.cpu()

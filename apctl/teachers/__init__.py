@@ -24,7 +24,7 @@ class Teacher(Protocol):
     device     where its tensors live; `to(device)` moves them and returns the teacher
     network    the EDM network (nn.Module) a student can start from, or None for exact teachers
     exact      True when `sample` draws exact samples of its data distribution; exact teachers are
-               Gaussian mixtures and also give their components' `means` and `variances`, (K, d) each
+               Gaussian mixtures, and `components()` gives (means, variances), (K, d) each, on the CPU
     """
 
     shape: tuple[int, ...]
