@@ -225,7 +225,7 @@ def _error(preset: str, overrides=()) -> str:
     ('extends = "toy2d"\n[training]\niterations = 0\n', "training.iterations", ">= 1"),
     ('extends = "toy2d"\n[precond]\nkind = "magic"\n', "precond.kind", "must be one of"),
     ('extends = "toy2d"\n[training]\nprecision = "fp8"\n', "training.precision", "must be one of"),
-    ('extends = "toy2d"\n[objective.ctm]\nmax_teacher_steps = 18\n', "objective.ctm.max_teacher_steps", "grid_points"),
+    ('extends = "toy2d"\n[objective.ctm]\nmax_teacher_steps = 26\n', "objective.ctm.max_teacher_steps", "grid_points"),
     ('extends = "toy2d"\n[objective.distance]\nkind = "lpips"\n', "objective.distance.kind", "unet"),
     ("extends = 3\n", "extends", "preset name"),
 ])

@@ -6,13 +6,22 @@ with Φ_teacher the teacher's PF-ODE solved accurately (many Heun steps), both l
 Sliced Wasserstein-2 between equally many samples a, b of dimension d:
     SW₂(a, b) = √( mean_k W₂²(⟨a, θ_k⟩, ⟨b, θ_k⟩) ),   θ_k uniform on the unit sphere,
 where the 1-D W₂² of two equal-size samples is the mean squared difference of their sorted values.
+
+For exact (Gaussian-mixture) teachers whose components all have a positive std, the probe also
+counts samples beyond 3σ of the nearest mode (`mode_outliers.py`): the student's, the teacher ODE's
+and, as the scale, exact samples' (drawn from the probe's seed, as many as the probe holds).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from apctl.metrics.mode_outliers import fraction_beyond
 from apctl.sampling import teacher_sample
+
+N_SIGMA = 3.0
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,7 +58,30 @@ class AlignmentProbe:
         labels = None if self.labels is None else self.labels.to(teacher.device)
         reference = teacher_sample(teacher, self.z.to(teacher.device), teacher_steps, labels, progress=progress)
         self.reference = reference.float().cpu()
+        self._teacher, self._seed = teacher, seed
+
+    @functools.cached_property
+    def modes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mixture's (means, variances) when the teacher is exact and no component is a Dirac (no σ),
+        else None. Computed on first use: building a probe reads no value."""
+        if not self._teacher.exact:
+            return None
+        means, variances = self._teacher.components()
+        return (means, variances) if bool((variances > 0).all()) else None
+
+    @functools.cached_property
+    def beyond_3sigma(self) -> dict[str, float]:
+        """{"teacher_ode", "exact"}: the teacher ODE's and exact samples' own fractions beyond 3σ ({} without modes)."""
+        if self.modes is None:
+            return {}
+        labels = None if self.labels is None else self.labels.to(self._teacher.device)
+        exact = self._teacher.sample(self.z.shape[0], torch.Generator().manual_seed(self._seed + 1), labels)
+        return {"teacher_ode": fraction_beyond(self.reference, *self.modes, N_SIGMA),
+                "exact": fraction_beyond(exact, *self.modes, N_SIGMA)}
 
     def measure(self, samples: torch.Tensor) -> dict[str, float]:
         samples = samples.cpu()
-        return {"alignment_rms": rms(samples, self.reference), "sliced_w2": sliced_wasserstein(samples, self.reference)}
+        out = {"alignment_rms": rms(samples, self.reference), "sliced_w2": sliced_wasserstein(samples, self.reference)}
+        if self.modes is not None:
+            out["beyond_3sigma"] = fraction_beyond(samples, *self.modes, N_SIGMA)
+        return out

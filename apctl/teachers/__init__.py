@@ -23,7 +23,8 @@ class Teacher(Protocol):
     dtype      the dtype it computes in (float64 for exact mixtures, float32 for networks)
     device     where its tensors live; `to(device)` moves them and returns the teacher
     network    the EDM network (nn.Module) a student can start from, or None for exact teachers
-    exact      True when `sample` draws exact samples of its data distribution
+    exact      True when `sample` draws exact samples of its data distribution; exact teachers are
+               Gaussian mixtures, and `components()` gives (means, variances), (K, d) each, on the CPU
     source     where it came from, for people (the file it was loaded from, or the mixture's name);
                `fingerprint()` is what identifies it
     """

@@ -69,6 +69,7 @@ class GaussianMixtureTeacher:
         # Host copies for `sample`, whose draws are made on the CPU (CPU generators) wherever the teacher lives.
         self._host_log_weights = self.log_weights
         self._host_classes = self.classes
+        self._host_components = (self.means, self.variances)
         self.label_dim = 0 if self.classes is None else int(self.classes.max()) + 1
         self.shape = tuple(shape) if shape is not None else (d,)
         if math.prod(self.shape) != d:
@@ -168,6 +169,10 @@ class GaussianMixtureTeacher:
     def _denoise(self, x, sigma):
         flat, t = self._flatten(x, sigma)
         return self._posterior(flat, t).D.reshape(x.shape).to(x.dtype)
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(means, variances), (K, d) each: the CPU copies made at construction (no device value read)."""
+        return self._host_components
 
     def sample(self, n: int, generator=None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Exact samples x_0, shape (n, *shape), on the teacher's device; with integer `labels` (n,),

@@ -1,0 +1,89 @@
+"""What the default `apctl distill` gives: wall time, alignment and samples off the modes, per seed.
+
+For each seed, `apctl distill --preset P --set run.seed=S --set run.threads=1 [--set …]` runs in a
+subprocess (OMP_NUM_THREADS=1), timed as a user times it; then the final evaluation-EMA student is
+measured as `apctl eval --n 8192` measures it (the run's `[eval]` probe and 256-step teacher ODE, on
+8,192 noises rather than 2,048 so that fractions near 1% are read to ±0.13%): alignment RMS at 1 and
+2 steps, and the fraction of 2-step samples beyond 3σ of the nearest mode, next to the teacher ODE's
+and the exact law's own fractions (`apctl/metrics/mode_outliers.py`). Runs are sequential: one single-threaded process at a time,
+so the timings compare. Wall and CPU seconds of the command and the load average before and after
+each run are printed with it.
+
+    python bench/toy2d_default.py --seeds 0 1 2                       # the shipped preset
+    python bench/toy2d_default.py --seeds 0 --set training.iterations=2000 --set student.hidden=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def distill(preset: str, seed: int, overrides: list[str], out: Path) -> tuple[float, float]:
+    """Seconds of wall clock and of CPU (user + system) for the whole `apctl distill` command (statistics,
+    training, probes, samples). On a shared machine the CPU time is the steadier figure: a
+    single-threaded process's CPU time is its wall time on an idle machine."""
+    sets = [arg for o in [f"run.seed={seed}", "run.threads=1", *overrides] for arg in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "apctl.cli.main", "distill", "--preset", preset, "--out", str(out), *sets],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def evaluate(run_dir: Path, n: int | None = None) -> dict:
+    """`apctl eval`'s figures for the run's final evaluation-EMA student (NFE 1 and 2), on `n` noises
+    (default: the run's eval.n_samples)."""
+    import torch
+
+    from apctl.metrics.alignment import AlignmentProbe
+    from apctl.metrics.evaluation import measure
+    from apctl.training.trained import load_trained_student
+
+    torch.set_num_threads(1)
+    trained = load_trained_student(run_dir)
+    e = trained.cfg.eval
+    probe = AlignmentProbe(trained.teacher(), trained.shape, n or e.n_samples, e.seed, e.teacher_steps, trained.label_dim)
+    results = measure(probe, trained.net, trained.precond, trained.grid, [1, 2], schedule=e.sigmas)
+    last = [json.loads(line) for line in (trained.checkpoint.path.parent.parent / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+    return {"step": trained.checkpoint.step, "it_per_s_last": last.get("it_per_s"),
+            "rms1": results["nfe=1"]["alignment_rms"], "rms2": results["nfe=2"]["alignment_rms"],
+            "beyond_student2": results["nfe=2"].get("beyond_3sigma"),
+            "beyond_teacher_ode": probe.beyond_3sigma.get("teacher_ode"),
+            "beyond_exact": probe.beyond_3sigma.get("exact")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="toy2d")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--n", type=int, default=8192,
+                        help="probe noises (8,192: a 1.3%% fraction then has a standard error of 0.13%%)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run directories under this folder")
+    args = parser.parse_args()
+    print(f"# {args.preset} {' '.join(args.overrides)}", flush=True)
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = (args.keep or Path(tmp)) / f"{args.preset}-seed{seed}"
+            load_before = os.getloadavg()[0]
+            wall, cpu = distill(args.preset, seed, args.overrides, out)
+            row = {"preset": args.preset, "seed": seed, "sets": args.overrides, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                   "load_before": load_before, "load_after": os.getloadavg()[0]} | evaluate(out, args.n)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The fraction of samples beyond 3σ of the nearest mode: enumerated points and closed forms on exact samples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from apctl.errors import ApctlError
+from apctl.metrics.alignment import AlignmentProbe
+from apctl.metrics.mode_outliers import fraction_beyond, nearest_mode_distance
+from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
+
+
+def test_enumerated_points_isotropic_and_diagonal():
+    """Hand-placed points: each one's Mahalanobis distance to each mode is known, the nearest counts."""
+    f64 = dict(dtype=torch.float64)
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], **f64)
+    stds = torch.tensor([[1.0, 1.0], [2.0, 2.0], [1.0, 0.1]], **f64)
+    points = torch.tensor([
+        [2.9, 0.0],      # mode 0: 2.9                                   inside
+        [3.1, 0.0],      # mode 0: 3.1, mode 1: 6.9 / 2 = 3.45           beyond
+        [10.0, 5.9],     # mode 1: 5.9 / 2 = 2.95                        inside
+        [10.0, -6.2],    # mode 1: 3.1                                   beyond
+        [0.0, 10.35],    # mode 2: 0.35 / 0.1 = 3.5                      beyond
+        [2.5, 10.1],     # mode 2: √(2.5² + 1²) = 2.69                  inside
+        [5.0, 5.0],      # mode 0: √50 = 7.07, mode 1: √50 / 2 = 3.54, mode 2: √(25 + 2500) = 50.2     beyond
+    ], **f64)
+    expected = torch.tensor([2.9, 3.1, 2.95, 3.1, 3.5, math.hypot(2.5, 1.0), math.sqrt(50) / 2], **f64)
+    distance = nearest_mode_distance(points, means, stds ** 2)
+    torch.testing.assert_close(distance, expected, rtol=1e-9, atol=1e-12)
+    assert fraction_beyond(points, means, stds ** 2) == pytest.approx(4 / 7, abs=1e-15)
+    assert fraction_beyond(points, means, stds ** 2, n_sigma=3.2) == pytest.approx(2 / 7, abs=1e-15)
+
+
+@pytest.mark.parametrize("stds, closed_form", [
+    # One 2-D component: m² ~ χ²₂, P(m > 3) = exp(−9/2) = 0.0111, isotropic or diagonal alike.
+    ([[0.5, 0.5]], math.exp(-4.5)),
+    ([[0.3, 2.0]], math.exp(-4.5)),
+    # One 3-D component: P(χ²₃ > 9) = erfc(3/√2) + √(2/π)·3·exp(−9/2).
+    ([[0.2, 0.7, 1.5]], math.erfc(3 / math.sqrt(2)) + math.sqrt(2 / math.pi) * 3 * math.exp(-4.5)),
+])
+def test_exact_samples_of_one_component_match_the_chi_square_tail(stds, closed_form):
+    d = len(stds[0])
+    teacher = GaussianMixtureTeacher(torch.full((1, d), 0.4), stds)
+    n = 200_000
+    samples = teacher.sample(n, torch.Generator().manual_seed(0))
+    standard_error = math.sqrt(closed_form * (1 - closed_form) / n)
+    assert abs(fraction_beyond(samples, teacher.means, teacher.variances) - closed_form) < 4 * standard_error
+
+
+def test_well_separated_ring_of_modes_keeps_the_single_component_tail():
+    """Eight modes on a circle, 3σ-disks apart: a sample far from its own mode is still far from the others."""
+    angle = torch.arange(8, dtype=torch.float64) * math.pi / 4
+    means = torch.stack([angle.cos(), angle.sin()], 1) * 2.0
+    teacher = GaussianMixtureTeacher(means, 0.1)
+    n = 200_000
+    fraction = fraction_beyond(teacher.sample(n, torch.Generator().manual_seed(1)), teacher.means, teacher.variances)
+    assert abs(fraction - math.exp(-4.5)) < 4 * math.sqrt(math.exp(-4.5) / n)
+
+
+def test_a_dirac_component_has_no_sigma():
+    with pytest.raises(ApctlError, match="positive std"):
+        fraction_beyond(torch.zeros(3, 2), torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+
+
+def test_the_probe_reports_the_fraction_for_mixtures_with_a_sigma_only():
+    """The probe counts a student's samples against the teacher's modes; the exact law's own fraction is its scale.
+    A sample set placed exactly on the modes has none beyond; an empirical (Dirac) mixture gets no figure."""
+    teacher = GaussianMixtureTeacher([[1.0, 0.0], [-1.0, 0.0]], 0.1)
+    probe = AlignmentProbe(teacher, (2,), 4000, 0, 32)
+    assert set(probe.beyond_3sigma) == {"teacher_ode", "exact"}
+    assert probe.beyond_3sigma["exact"] == pytest.approx(math.exp(-4.5), abs=4 * math.sqrt(math.exp(-4.5) / 4000))
+    on_modes = teacher.means.repeat(2000, 1).float()
+    assert probe.measure(on_modes)["beyond_3sigma"] == 0.0
+    assert probe.measure(on_modes + torch.tensor([0.0, 0.31]))["beyond_3sigma"] == 1.0
+    dirac = AlignmentProbe(GaussianMixtureTeacher([[1.0, 0.0], [-1.0, 0.0]], 0.0), (2,), 16, 0, 8)
+    assert dirac.beyond_3sigma == {} and "beyond_3sigma" not in dirac.measure(on_modes[:16])
