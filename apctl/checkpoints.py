@@ -8,6 +8,9 @@ presence marks a complete pair:
                                           precond.lam, .l, .s          Analytic-Precond statistics
     checkpoints/ckpt-0001000.json          format, step, resolved config, student architecture,
                                           optimizer hyper-parameters, teacher fingerprint, last logs
+
+The JSON is strict (`apctl.strict_json`): the student architecture stores a non-finite float (EDM's
+sigma_max = inf) as the string "inf", any other non-finite number is null.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from apctl.errors import ApctlError, MissingFileError
 from apctl.files import atomic_path, atomic_write
+from apctl.strict_json import dumps
 
 FORMAT = "apctl-checkpoint"
 VERSION = 1
@@ -91,7 +95,8 @@ def save_checkpoint(directory: Path, step: int, meta: dict[str, Any], networks: 
     stem = directory / f"ckpt-{step:07d}"
     with atomic_path(stem.with_suffix(".safetensors")) as tmp:
         save_file(tensors, str(tmp))
-    json_path = atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1, default=float))
+    # Strict JSON: a non-finite log value is null (callers encode what must rebuild, e.g. the architecture).
+    json_path = atomic_write(stem.with_suffix(".json"), dumps(meta, indent=1, default=float))
     if keep:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)

@@ -24,12 +24,13 @@ from apctl.config import Config
 from apctl.presets import config_to_toml
 from apctl.errors import ApctlError
 from apctl.files import atomic_write
+from apctl.strict_json import dumps, encode_nonfinite
 from apctl.training import distributed
 from apctl.training.ema import frozen_copy
 from apctl.training.step import step_generator, train_step  # noqa: F401 (step_generator re-exported)
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
-RESUMABLE_CHANGES = ("training.iterations", "training.log_every", "training.checkpoint_every",
+RESUMABLE_CHANGES = ("run.threads", "training.iterations", "training.log_every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.eval_every", "eval.")
 
 
@@ -128,10 +129,12 @@ def check_teacher_fits_data(teacher, data_source) -> None:
 
 def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run:
     from apctl.data.sources import build_data_source, load_training_data
-    from apctl.networks.student import build_student, set_dropout, student_architecture
+    from apctl.networks.registry import count_parameters
+    from apctl.networks.student import build_student, parameter_count, set_dropout, student_architecture
     from apctl.objectives import build_objective, distills
     from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
     from apctl.teachers import build_teacher
+    from apctl.threads import apply_thread_policy
 
     reporter = reporter or SilentReporter()
     run_dir = Path(run_dir)
@@ -146,13 +149,20 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
             raise ApctlError(f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}); "
                              "pass a new --out, or the same settings to resume it")
     device = resolve_device(cfg.run.device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     # Files are read before anything is written: a missing teacher or data set leaves no run directory.
     data = load_training_data(cfg.data)
     teacher = build_teacher(cfg.teacher, data)
     data_source = build_data_source(cfg.data, teacher, data)
     check_teacher_fits_data(teacher, data_source)
+    teacher_network = teacher.network if teacher is not None else None
+    arch = student_architecture(cfg.student, data_source.shape, data_source.label_dim, teacher_network)
+    # Before any statistics or step: the thread count for the larger of the two networks.
+    teacher_parameters = count_parameters(teacher_network) if teacher_network is not None else 0
+    # A student started from the teacher is the teacher plus a small s-embedding: its size is the teacher's.
+    from_teacher = arch["kind"] == "unet" and teacher_network is not None and cfg.student.init_from_teacher
+    student_parameters = teacher_parameters if from_teacher else parameter_count(arch)
+    threads = apply_thread_policy(cfg.run.threads, device, max(student_parameters, teacher_parameters))
+    reporter.message(f"torch: {threads}")
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.toml", config_to_toml(cfg))
@@ -177,8 +187,6 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     precond = build_preconditioning(cfg.precond, stats) if distilling else None
 
     torch.manual_seed(cfg.run.seed)
-    teacher_network = teacher.network if teacher is not None else None
-    arch = student_architecture(cfg.student, data_source.shape, data_source.label_dim, teacher_network)
     student = build_student(arch, teacher_network if cfg.student.init_from_teacher else None).to(device)
     set_dropout(student, cfg.student.dropout)
     # θ and θ⁻ run in train mode (the architecture's dropout applies in every pass, as in CTM's code);
@@ -216,7 +224,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def save(run: Run, logs: dict | None = None) -> Path | None:
     if not distributed.is_main():
         return None
-    meta = {"config": run.cfg.to_dict(), "student": run.arch,
+    meta = {"config": run.cfg.to_dict(), "student": encode_nonfinite(run.arch, "string"),
             "teacher_fingerprint": run.teacher.fingerprint() if run.teacher is not None else "",
             "scaler": run.scaler.state_dict(), "logs": logs or {}}
     precond_state = {f"precond.{k}": v for k, v in run.precond.state_dict().items()} if run.precond else {}
@@ -229,7 +237,7 @@ def _log(run: Run, path: Path, logs: dict) -> None:
     run.history.append(logs)
     if distributed.is_main():
         with open(path, "a") as fh:
-            fh.write(json.dumps(logs) + "\n")
+            fh.write(dumps(logs) + "\n")
 
 
 def train(run: Run, reporter: Reporter | None = None, probe=None) -> Run:
