@@ -137,8 +137,13 @@ def inspect(
         table.add_row(f"{r['sigma']:.4g}", f"{r['l']:.4f}", f"{r['s']:+.4f}",
                       fmt(r["ap_to_min"]), fmt(r["ctm_to_min"]), fmt(r["cm_to_min"]),
                       fmt(r["ap_from_max"]), fmt(r["ctm_from_max"]), fmt(r["cm_from_max"]))
-    # Piped or redirected, rich assumes 80 columns and would cut numbers short ("-0.00…"): print it whole.
-    console.print(table, width=None if console.is_terminal else 1000)
+    if not console.is_terminal:
+        # Piped or redirected, rich assumes 80 columns and would cut numbers short ("-0.00…"): print it whole.
+        from rich.console import Console
+
+        Console(highlight=False, width=10_000).print(table)      # a table is as wide as its content, no wider
+        return
+    console.print(table)
 
 
 def _flat_rows(rows: list[dict]) -> list[dict[str, float]]:
