@@ -215,7 +215,7 @@ class TrainingConfig:
 class EvalConfig:
     """Evaluation defaults. `sigmas` is the default σ list of an NFE-n student sample: "karras" is CTM's
     `exact` sampler (n + 1 Karras levels, e.g. NFE 2: 80 → 2.515 → 0.002); "grid" snaps the inner
-    levels to the training grid."""
+    levels to the training grid. `nfe` lists the NFEs `apctl eval` measures when not given --nfe."""
 
     sigmas: str = field(default="grid", metadata=_choice("grid", "karras"))
     n_samples: int = field(default=2048, metadata=_range(1, MAX_SAMPLES))

@@ -275,7 +275,8 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
     size = max(student_count, teacher.parameters if known_teacher else 0)
     chosen = chosen_threads(cfg.run.threads, device_type, size)
     if chosen is None:
-        threads = "as $OMP_NUM_THREADS says" if os.environ.get("OMP_NUM_THREADS") else "torch's default (auto)"
+        omp = os.environ.get("OMP_NUM_THREADS")
+        threads = f"{omp} ($OMP_NUM_THREADS)" if omp else "torch's default (auto)"
     else:
         threads = f"{chosen} ({'run.threads' if cfg.run.threads else f'auto: CPU, ≤ {SMALL_NETWORK_PARAMETERS:,} parameters'})"
     if tr.batch_size % world:
