@@ -16,11 +16,13 @@ when the preconditioning needs statistics, and every tensor the shape of the arc
 describes (built on the meta device, nothing allocated). A run's latest checkpoint that fails these
 checks (cut short by a crash of the machine, a full disk, a bad copy) is passed over for the previous
 good one by `load_latest_checkpoint`, with a message.
+
+The JSON is strict (`apctl.strict_json`): the student architecture stores a non-finite float (EDM's
+sigma_max = inf) as the string "inf", any other non-finite number is null.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 
 from apctl.errors import ApctlError, MissingFileError
 from apctl.files import MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, atomic_write, check_input_file, read_json_bounded, write_safetensors
+from apctl.strict_json import decode_nonfinite, dumps, encode_nonfinite
 
 FORMAT = "apctl-checkpoint"
 VERSION = 1
@@ -105,7 +108,11 @@ def save_checkpoint(directory: Path, step: int, meta: dict[str, Any], networks: 
         tensors[k] = v.detach().cpu().contiguous()
     stem = directory / f"ckpt-{step:07d}"
     write_safetensors(stem.with_suffix(".safetensors"), tensors)
-    json_path = atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1, default=float))
+    # Strict JSON: the architecture's non-finite floats as strings (decoded by load_checkpoint), any other
+    # non-finite number (a log value) as null.
+    if isinstance(meta.get("student"), dict):
+        meta["student"] = encode_nonfinite(meta["student"], "string")
+    json_path = atomic_write(stem.with_suffix(".json"), dumps(meta, indent=1, default=float))
     if keep:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
@@ -164,6 +171,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as exc:
         raise CorruptCheckpointError(f"{weights} is not a readable safetensors file "
                                      f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if isinstance(meta.get("student"), dict):      # "inf" → inf: the architecture as it was built
+        meta["student"] = decode_nonfinite(meta["student"])
     return Checkpoint(json_path, meta, tensors)
 
 

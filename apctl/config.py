@@ -34,12 +34,27 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"min": lo, "max": hi, "lo_open": lo_open}
 
 
+# Upper bounds on sizes: far above any real run (EDM's ImageNet-64 trains 2048 images per step; CTM
+# uses N = 40), low enough that a typo (depth = 10**23) is one error line, not minutes of allocation.
+MAX_WIDTH = 65_536          # student.hidden, student.embed_dim
+MAX_DEPTH = 1_024           # student.depth
+MAX_BATCH = 1_048_576       # training.batch_size, precond.statistics.batch_size
+MAX_SAMPLES = 100_000_000   # precond.statistics.n_samples, eval.n_samples
+MAX_ITERATIONS = 1_000_000_000
+MAX_GRID_POINTS = 1_000     # objective.grid_points (the coefficient table holds N(N+1)/2 pairs)
+MAX_STEPS = 100_000         # eval.teacher_steps, objective.ctm.max_teacher_steps, eval.nfe entries, n_points
+MAX_THREADS = 1_024
+MAX_RESOLUTION = 4_096
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     device: str = "auto"      # auto | cpu | cuda | cuda:N (checked in `validate`)
-    threads: int = field(default=0, metadata=_range(0, 1024))   # CPU threads for torch; 0 keeps torch's default
+    # CPU threads for torch; 0 = auto: one thread for a CPU run of a network under 10M parameters,
+    # else torch's default (apctl.threads)
+    threads: int = field(default=0, metadata=_range(0, MAX_THREADS))
 
 
 @dataclass
@@ -69,7 +84,7 @@ class DataConfig:
 
     kind: str = field(default="teacher", metadata=_choice("teacher", "digits", "cifar10", "edm", "folder"))
     path: str = ""
-    resolution: int = field(default=8, metadata=_range(1))
+    resolution: int = field(default=8, metadata=_range(1, MAX_RESOLUTION))
     xflip: bool = False
     class_conditional: bool = False
 
@@ -81,9 +96,9 @@ class StudentConfig:
     `apctl teacher train` trains."""
 
     kind: str = field(default="mlp", metadata=_choice("mlp", "unet", "denoiser"))
-    hidden: int = field(default=256, metadata=_range(1))
-    depth: int = field(default=4, metadata=_range(1))
-    embed_dim: int = field(default=64, metadata=_range(2))
+    hidden: int = field(default=256, metadata=_range(1, MAX_WIDTH))
+    depth: int = field(default=4, metadata=_range(1, MAX_DEPTH))
+    embed_dim: int = field(default=64, metadata=_range(2, MAX_WIDTH))
     network: str = "tiny-songunet-16"
     init_from_teacher: bool = True
     dropout: float = field(default=-1.0, metadata=_range(-1.0, 1.0))   # < 0: the architecture's own rate
@@ -91,9 +106,9 @@ class StudentConfig:
 
 @dataclass
 class StatisticsConfig:
-    n_points: int = field(default=120, metadata=_range(8))
-    n_samples: int = field(default=4096, metadata=_range(1))
-    batch_size: int = field(default=512, metadata=_range(1))
+    n_points: int = field(default=120, metadata=_range(8, MAX_STEPS))
+    n_samples: int = field(default=4096, metadata=_range(1, MAX_SAMPLES))
+    batch_size: int = field(default=512, metadata=_range(1, MAX_BATCH))
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     derivative: str = field(default="jvp", metadata=_choice("jvp", "fd"))
     ridge: float = field(default=1e-14, metadata=_range(0.0))
@@ -129,7 +144,7 @@ class CTMObjectiveConfig:
     """CTM's own keys (Kim et al. 2024). Defaults are sony/ctm's code defaults; the alternatives are
     apctl's earlier behaviour. See docs/math.md, "CTM as the reference code trains it"."""
 
-    max_teacher_steps: int = field(default=17, metadata=_range(1))
+    max_teacher_steps: int = field(default=17, metadata=_range(1, MAX_STEPS))
     # p(k) ∝ k, one k per step shared by all ranks (CTM) | k uniform per sample given a uniform start
     teacher_steps_law: str = field(default="weighted", metadata=_choice("weighted", "uniform"))
     # λ = ‖∇_W L_CTM‖/‖∇_W L_DSM‖ at the output layer, every step (CTM) | λ = dsm_weight
@@ -167,7 +182,7 @@ class ObjectiveConfig:
     KINDS: ClassVar[dict[str, type]] = {"ctm": CTMObjectiveConfig, "cd": CDObjectiveConfig, "edm": EDMObjectiveConfig}
 
     kind: str = field(default="ctm", metadata=_choice("ctm", "cd", "edm"))
-    grid_points: int = field(default=18, metadata=_range(2))
+    grid_points: int = field(default=18, metadata=_range(2, MAX_GRID_POINTS))
     target_ema: float = field(default=0.999, metadata=_range(0.0, 1.0))
     distance: DistanceConfig = field(default_factory=DistanceConfig)
     ctm: Optional[CTMObjectiveConfig] = None
@@ -186,8 +201,8 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainingConfig:
-    iterations: int = field(default=2000, metadata=_range(1))
-    batch_size: int = field(default=256, metadata=_range(1))
+    iterations: int = field(default=2000, metadata=_range(1, MAX_ITERATIONS))
+    batch_size: int = field(default=256, metadata=_range(1, MAX_BATCH))
     lr: float = field(default=4e-4, metadata=_range(0.0, lo_open=True))
     optimizer: str = field(default="radam", metadata=_choice("radam", "adam"))
     ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0))
@@ -216,13 +231,14 @@ class TrainingConfig:
 class EvalConfig:
     """Evaluation defaults. `sigmas` is the default σ list of an NFE-n student sample: "karras" is CTM's
     `exact` sampler (n + 1 Karras levels, e.g. NFE 2: 80 → 2.515 → 0.002); "grid" snaps the inner
-    levels to the training grid. `fid_samples` is the image count of `apctl eval --fid` (EDM's protocol;
-    50,000 in the paper presets), `edm_steps` the levels of EDM's sampler for the teacher's row
-    (2·edm_steps − 1 NFE: 18 for CIFAR-10, 40 for FFHQ, 256 for ImageNet-64)."""
+    levels to the training grid. `nfe` lists the NFEs `apctl eval` measures when not given --nfe.
+    `fid_samples` is the image count of `apctl eval --fid` (EDM's protocol; 50,000 in the paper
+    presets), `edm_steps` the levels of EDM's sampler for the teacher's row (2·edm_steps − 1 NFE: 18
+    for CIFAR-10, 40 for FFHQ, 256 for ImageNet-64)."""
 
     sigmas: str = field(default="grid", metadata=_choice("grid", "karras"))
-    n_samples: int = field(default=2048, metadata=_range(1))
-    teacher_steps: int = field(default=256, metadata=_range(2))
+    n_samples: int = field(default=2048, metadata=_range(1, MAX_SAMPLES))
+    teacher_steps: int = field(default=256, metadata=_range(2, MAX_STEPS))
     nfe: list = field(default_factory=lambda: [1, 2, 4])
     seed: int = field(default=12345, metadata=_range(0, MAX_SEED))
     fid_samples: int = field(default=512, metadata=_range(2))
@@ -387,5 +403,6 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(source, "objective.distance.lpips_pooling", "average pooling is CTM's VGG variant: it needs lpips_net = 'vgg'")
     if o.distance.kind == "lpips" and cfg.student.kind == "mlp":
         raise ConfigError(source, "objective.distance.kind", "lpips compares images: it needs student.kind = 'unet'")
-    if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in cfg.eval.nfe):
-        raise ConfigError(source, "eval.nfe", "must be a list of positive integers")
+    if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_STEPS
+                               for n in cfg.eval.nfe):
+        raise ConfigError(source, "eval.nfe", f"must be a list of integers from 1 to {MAX_STEPS:,}")

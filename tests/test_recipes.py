@@ -293,7 +293,7 @@ def test_toy2d_sample(toy_run, cli):
     assert np.isfinite(data["samples"]).all()
     sigmas = data["sigmas"]
     assert len(sigmas) == 3 and sigmas[0] == pytest.approx(80.0) and sigmas[-1] == pytest.approx(0.002)
-    assert "labels" not in data.files
+    assert data["labels"].tolist() == [-1] * 16          # unconditional: every sample's class is −1
     assert_png(ws / "s.png")
     # The ring of the toy2d teacher: radius 0.7 around (0.3, -0.2).
     radius = np.linalg.norm(data["samples"] - np.array([0.3, -0.2]), axis=1)

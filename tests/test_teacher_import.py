@@ -278,7 +278,8 @@ def test_safetensors_round_trip_and_fingerprint(nets, tmp_path, marker):
     assert weights.name == "teacher.safetensors" and meta_path.name == "teacher.json"
     meta = json.loads(meta_path.read_text())
     assert meta["format_version"] == 1 and meta["class_name"] == "EDMPrecond"
-    assert meta["init_kwargs"] == net.init_kwargs
+    # strict JSON: EDM's sigma_max = inf is the string "inf", which the reader turns back into the float
+    assert meta["init_kwargs"] == dict(net.init_kwargs, sigma_max="inf") and net.init_kwargs["sigma_max"] == float("inf")
     assert meta["source"] == {"format": "edm-pickle", "file": "net.pkl"}
     assert meta["source_sha256"] == hashlib.sha256(pkl.read_bytes()).hexdigest()
     assert meta["fingerprint"] == bundle.fingerprint

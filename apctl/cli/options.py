@@ -19,10 +19,37 @@ DataOpt = typer.Option(None, "--data", metavar="PATH",
                        help="Data set: a CIFAR-10 archive or folder, an EDM dataset zip/folder, or a folder of images (kind inferred from the path).")
 
 
+ThreadsOpt = typer.Option(None, "--threads", min=0, max=1024, metavar="N",
+                          help="CPU threads for torch (default: the run's run.threads; 0 = auto: one thread for a CPU run "
+                               "of a network under 10M parameters, else torch's default).")
+OutputAliasOpt = typer.Option(None, "--output", hidden=True)   # the old name of --out, still accepted
+
+
+class _UsageError(typer.BadParameter):
+    """A command-line usage error (exit 2) with its own whole message."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def out_path(out: Optional[Path], alias: Optional[Path], default: Optional[Path] = None) -> Path:
+    """--out/-o, or its hidden old name --output, or `default`; a usage error (exit 2) when both flags
+    are given, or neither and there is no default."""
+    if out is not None and alias is not None:
+        raise _UsageError("give --out/-o once (--output is its old name)")
+    chosen = out if out is not None else alias if alias is not None else default
+    if chosen is None:
+        raise _UsageError("Missing option '--out' / '-o'.")
+    return chosen
+
+
 def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optional[Path] = None,
-                   data: Optional[Path] = None):
-    """Preset, then --teacher/--data (teacher.kind/file, data.kind/path as plain values), then --set."""
+                   data: Optional[Path] = None, threads: Optional[int] = None):
+    """Preset, then --teacher/--data (teacher.kind/file, data.kind/path as plain values), then --set,
+    then --threads (as `--set run.threads=N`)."""
     from apctl.presets import load_config
+
+    overrides = list(overrides or []) + ([f"run.threads={threads}"] if threads is not None else [])
 
     # Absolute paths, so that `sample` and `eval` find the files from any working directory.
     paths: dict = {}
@@ -32,7 +59,7 @@ def resolve_config(preset: str, overrides: Optional[list[str]], teacher: Optiona
         from apctl.data import infer_data_kind
 
         paths["data"] = {"kind": infer_data_kind(data), "path": str(data.expanduser().absolute())}
-    return load_config(preset, list(overrides or []), paths)
+    return load_config(preset, overrides, paths)
 
 SigmaSchedule = Literal["karras", "grid"]
 SigmaScheduleOpt = typer.Option(None, "--sigma-schedule",

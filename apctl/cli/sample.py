@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, Weights, WeightsOpt
+from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, ThreadsOpt, Weights, WeightsOpt
 from apctl.errors import ApctlError
 
 
@@ -36,7 +36,7 @@ def _teacher_reference(trained, count: int, labels, gen, device):
 
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .npz (samples, labels, sigmas); a .png grid/scatter is written beside it."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npz (samples, labels: the class of each sample, −1 for an unconditional student; sigmas); a .png grid/scatter is written beside it."),
     nfe: int = typer.Option(2, "--nfe", "-n", help="Network evaluations: default σ list = Karras schedule of NFE+1 levels (snapped to the training grid unless the run's eval.sigmas = 'karras')."),
     sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Explicit decreasing σ list, e.g. 80,0.8,0.002 (overrides --nfe)."),
     count: int = typer.Option(64, "--n", min=1, help="How many samples."),
@@ -47,10 +47,12 @@ def sample(
     teacher_steps: int = typer.Option(0, "--teacher-steps", help="Sample the teacher's Heun ODE with this many steps instead (reference)."),
     device: str = DeviceOpt,
     sigma_schedule: Optional[SigmaSchedule] = SigmaScheduleOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Draw few-step samples from a student (or the teacher's Heun ODE).
 
-    CTM γ-sampling over the σ list; writes an .npz (samples, labels, sigmas) and a .png beside it.
+    CTM γ-sampling over the σ list; writes an .npz (samples; labels, the class index of each sample
+    or −1 for every sample of an unconditional student; sigmas) and a .png beside it.
     """
     if out.suffix != ".npz":
         raise ApctlError(f"--out must end in .npz, got {out}")
@@ -60,13 +62,16 @@ def sample(
     import torch
 
     from apctl.cli.ui import ProgressCallback, console
+    from apctl.networks.registry import count_parameters
     from apctl.plots import plot_samples
+    from apctl.threads import apply_thread_policy
     from apctl.sampling import check_sigmas, class_labels, default_sigmas, student_sample, teacher_sample
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
     dev = resolve_device(device, "--device")
     trained = load_trained_student(ckpt, weights, dev)
+    apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
     sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid, sigma_schedule or trained.cfg.eval.sigmas)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((count, *trained.shape), generator=gen)
@@ -86,9 +91,9 @@ def sample(
                            None if labels is None else labels.to(dev), gamma=gamma, generator=gen).cpu()
         what = f"student, {len(sigma_list) - 1} NFE, σ = {', '.join(f'{s:g}' for s in sigma_list)}, γ = {gamma:g}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"samples": x.numpy(), "sigmas": np.asarray(sigma_list)}
-    if labels is not None:
-        arrays["labels"] = labels.argmax(1).numpy()
+    # `labels` is always there, so a reader needs no special case: −1 marks "no class".
+    class_index = labels.argmax(1).numpy() if labels is not None else np.full(count, -1)
+    arrays = {"samples": x.numpy(), "labels": class_index.astype(np.int64), "sigmas": np.asarray(sigma_list)}
     from apctl.files import atomic_path
 
     with atomic_path(out) as tmp, open(tmp, "wb") as f:     # a file object: np.savez adds no suffix to it

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DataOpt, SetOpt, resolve_config
+from apctl.cli.options import DataOpt, OutputAliasOpt, SetOpt, ThreadsOpt, out_path, resolve_config
 from apctl.errors import ApctlError
 
 app = typer.Typer(
@@ -29,7 +29,9 @@ def train_teacher(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<run.name>)."),
     overrides: Optional[list[str]] = SetOpt,
     data: Optional[Path] = DataOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan (data found or not, device, "
+                                                           "network size, warnings) and exit; trains nothing."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Train an EDM denoiser on a data set (resumes when re-run) and write it as a teacher.
 
@@ -39,7 +41,7 @@ def train_teacher(
     `apctl distill --teacher RUN/teacher.safetensors`; RUN/samples.png shows EDM's 35-NFE sampler."""
     from apctl.cli.distill import run_training
 
-    cfg, preset_path = resolve_config(preset, overrides, None, data)
+    cfg, preset_path = resolve_config(preset, overrides, None, data, threads)
     if cfg.objective.kind != "edm":
         raise ApctlError(f"preset {preset!r} distils (objective.kind = {cfg.objective.kind!r}); "
                          "a teacher-training preset has objective.kind = 'edm' (e.g. digits-teacher)")
@@ -51,19 +53,22 @@ def import_teacher(
     file: Path = typer.Argument(..., help="Teacher to import: an NVlabs/edm network pickle (*.pkl), OpenAI's "
                                           "edm_imagenet64_ema.pt (CTM's ImageNet teacher), or an apctl teacher "
                                           "(*.safetensors with its *.json).", metavar="FILE"),
-    output: Path = typer.Option(Path("teacher.safetensors"), "--output", "-o",
-                                help="Weights to write (*.safetensors); the description goes next to it as *.json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Weights to write (*.safetensors; default teacher.safetensors); the "
+                                            "description goes next to it as *.json."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    output_alias: Optional[Path] = OutputAliasOpt,
 ) -> None:
-    """Read FILE without executing anything in it, rebuild and check the network, write OUTPUT and its JSON."""
+    """Read FILE without executing anything in it, rebuild and check the network, write --out and its JSON."""
     from rich.console import Console
     from rich.table import Table
 
     from apctl.teachers.apctl_format import save_teacher, teacher_paths
     from apctl.teachers.importers import load_teacher
 
+    output = out_path(out, output_alias, Path("teacher.safetensors"))
     if output.suffix not in (".safetensors", ""):
-        raise ApctlError(f"--output must end in .safetensors, got {output}")
+        raise ApctlError(f"--out must end in .safetensors, got {output}")
     weights_path, json_path = teacher_paths(output)
     existing = [str(p) for p in (weights_path, json_path) if p.exists()]
     if existing and not force:
@@ -75,7 +80,7 @@ def import_teacher(
     except OSError:
         same_file = False
     if same_file:
-        raise ApctlError(f"{file} is also the output; choose another --output")
+        raise ApctlError(f"{file} is also the output; choose another --out")
 
     bundle = load_teacher(file)
     written = save_teacher(bundle, weights_path)

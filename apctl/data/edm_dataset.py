@@ -235,6 +235,27 @@ def load_edm_dataset(path: str | os.PathLike | None, *, use_labels: bool = True,
     return ImageData(images=images, labels=labels, label_dim=label_dim, name=name, source=str(found))
 
 
+def describe_edm_dataset(path: str | os.PathLike, *, use_labels: bool = True,
+                         what: str = "EDM dataset") -> tuple[Path, int, tuple[int, int, int], int]:
+    """(resolved path, image count, first image's (C, H, W), label count) of a dataset_tool.py zip/folder or an
+    image folder, reading its file list, dataset.json and one image only (the `--dry-run` plan).
+    A missing path raises ApctlError as `load_edm_dataset` does."""
+    found, looked = resolve_data_path(path)
+    if found is None:
+        raise ApctlError(f"{what} not found: {path} does not exist{describe_looked(looked)}")
+    found = found.resolve()
+    source = _Source(found, what)
+    try:
+        names = [n for n in source.files if _is_image(n) and not _is_hidden(n)]
+        if not names:
+            raise ApctlError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {what} {found}")
+        labels = _read_labels(source, names) if use_labels else None
+        shape = tuple(_decode(source.read(names[0]), names[0], source).shape)
+    finally:
+        source.close()
+    return found, len(names), shape, int(labels.max()) + 1 if labels is not None else 0
+
+
 def load_image_folder(path: str | os.PathLike | None, *, use_labels: bool = True) -> ImageData:
     """A tree of images (or a zip of one); labels only if it has an EDM dataset.json."""
     return load_edm_dataset(path, use_labels=use_labels, what="image folder")

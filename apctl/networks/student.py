@@ -63,6 +63,16 @@ def build_student(arch: dict[str, Any], teacher_network: nn.Module | None = None
     return TwoTimeDenoiser.from_init_kwargs(arch["init_kwargs"])
 
 
+def parameter_count(arch: dict[str, Any]) -> int:
+    """Parameters of the student `arch` describes, counted on the meta device (no memory, no initialisation)."""
+    import torch
+
+    from apctl.networks.registry import count_parameters
+
+    with torch.device("meta"):
+        return count_parameters(build_student(arch))
+
+
 def student_data_shape(arch: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     """(per-sample shape, label_dim) a student of `arch` takes."""
     if arch["kind"] == "mlp":

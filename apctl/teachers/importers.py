@@ -115,6 +115,37 @@ def _load_torch_file(path: Path) -> TeacherBundle:
     raise _unknown(path, "a torch file that is neither an EDM pickle nor an ADM state_dict")
 
 
+def read_architecture(path: str | Path) -> dict | None:
+    """{"format", "class_name", "init_kwargs"} of a teacher file without building its network (for the
+    `--dry-run` plan): an apctl teacher's JSON, or an EDM pickle's recorded constructor arguments (the
+    pickle is parsed, nothing executed, no network built). None for OpenAI's ADM state_dict, whose
+    layout is only known after mapping its weights. Errors as `load_teacher`'s."""
+    path = Path(path)
+    if path.is_dir():
+        raise ApctlError(f"{path} is a directory; give a teacher file ({_ACCEPTED})")
+    kind = detect_format(path) if path.exists() else "apctl"
+    if kind == "apctl":
+        from apctl.teachers.apctl_format import read_architecture as read_apctl
+
+        return dict(read_apctl(path), format="apctl")
+    if kind == "torch-zip":
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ApctlError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if data.startswith(_LEGACY_TORCH_MAGIC):
+        return None
+    from apctl.teachers.edm_pickle import parse_edm_pickle
+
+    try:
+        contents = parse_edm_pickle(data, what=f"EDM pickle {path}")
+    except UnreadablePickleError as exc:
+        raise UnreadablePickleError(f"{exc}; accepted: {_ACCEPTED}") from None
+    return {"format": "edm-pickle", "class_name": contents.class_name,
+            "init_kwargs": positional_to_kwargs(contents.class_name, contents.init_args, contents.init_kwargs)}
+
+
 def load_teacher(path: str | Path) -> TeacherBundle:
     """Load a teacher from an EDM pickle, an apctl .safetensors/.json pair or an OpenAI EDM-trained
     ADM state_dict (see the module docstring)."""

@@ -39,7 +39,7 @@ from apctl.training.tensorboard_sink import open_tensorboard, tensorboard_sink_a
 
 # Keys that may change between a run and its resumption (they do not change what is learned;
 # batch_per_device changes float rounding only, see training/step.py).
-RESUMABLE_CHANGES = ("training.iterations", "training.log_every", "training.checkpoint_every",
+RESUMABLE_CHANGES = ("run.threads", "training.iterations", "training.log_every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.eval_every", "training.snapshot_every",
                      "training.batch_per_device", "training.max_skipped_steps", "training.tensorboard", "eval.")
 
@@ -177,13 +177,14 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
             raise ApctlError(f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}); "
                              "pass a new --out, or the same settings to resume it")
     device = resolve_device(cfg.run.device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     # Files are read before anything is written: a missing teacher or data set leaves no run directory.
     from apctl.data.sources import build_data_source, load_training_data
+    from apctl.networks.registry import count_parameters
+    from apctl.networks.student import parameter_count, student_architecture
     from apctl.objectives import distills
     from apctl.preconditioning.build import needs_statistics, obtain_statistics
     from apctl.teachers import build_teacher
+    from apctl.threads import apply_thread_policy
 
     data = load_training_data(cfg.data)
     teacher = build_teacher(cfg.teacher, data)
@@ -192,6 +193,18 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     if latest is not None and latest.meta.get("teacher_fingerprint", "") != (teacher.fingerprint() if teacher else ""):
         raise ApctlError(f"{run_dir} was trained with another teacher ({latest.meta.get('teacher_fingerprint')}); "
                          "pass the same --teacher to resume it, or a new --out")
+    teacher_network = teacher.network if teacher is not None else None
+    arch = student_architecture(cfg.student, data_source.shape, data_source.label_dim, teacher_network)
+    if latest is not None and latest.meta["student"] != arch:
+        raise ApctlError(f"{latest.path} describes another student architecture than this config builds; "
+                         "pass the same settings and teacher to resume it, or a new --out")
+    # Before any statistics or step: the thread count for the larger of the two networks.
+    teacher_parameters = count_parameters(teacher_network) if teacher_network is not None else 0
+    # A student started from the teacher is the teacher plus a small s-embedding: its size is the teacher's.
+    from_teacher = arch["kind"] == "unet" and teacher_network is not None and cfg.student.init_from_teacher
+    student_parameters = teacher_parameters if from_teacher else parameter_count(arch)
+    threads = apply_thread_policy(cfg.run.threads, device, max(student_parameters, teacher_parameters))
+    reporter.message(f"torch: {threads}")
     stats = None
     if distills(cfg.objective) and needs_statistics(cfg.precond) and cfg.precond.statistics_file:
         stats, _ = obtain_statistics(cfg.precond, teacher, data_source, None)     # a given file: checked now
@@ -206,7 +219,7 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
             # A fresh run: logs of an earlier attempt that never reached a checkpoint are stale.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     try:
-        run = _build(cfg, run_dir, reporter, device, teacher, data_source, stats, latest)
+        run = _build(cfg, run_dir, reporter, device, teacher, data_source, stats, latest, arch)
     except BaseException:
         if new_entries is not None:
             new_entries.discard()
@@ -217,9 +230,9 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     return run
 
 
-def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data_source, stats, latest) -> Run:
+def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data_source, stats, latest, arch) -> Run:
     """prepare's second half, once the run directory is ours: statistics, networks, optimizer, restore."""
-    from apctl.networks.student import build_student, set_dropout, student_architecture
+    from apctl.networks.student import build_student, set_dropout
     from apctl.objectives import build_objective, distills
     from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
 
@@ -240,10 +253,6 @@ def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data
 
     torch.manual_seed(cfg.run.seed)
     teacher_network = teacher.network if teacher is not None else None
-    arch = student_architecture(cfg.student, data_source.shape, data_source.label_dim, teacher_network)
-    if latest is not None and latest.meta["student"] != arch:
-        raise ApctlError(f"{latest.path} describes another student architecture than this config builds; "
-                         "pass the same settings and teacher to resume it, or a new --out")
     student = build_student(arch, teacher_network if cfg.student.init_from_teacher else None).to(device)
     set_dropout(student, cfg.student.dropout)
     # θ and θ⁻ run in train mode (the architecture's dropout applies in every pass, as in CTM's code);
