@@ -137,6 +137,32 @@ def test_second_signal_stops_at_once(preset, tmp_path):
     assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "ckpt-0000004.json"
 
 
+class SignalDuringStatistics(Messages):
+    """A reporter that sends `sig` to this process when the statistics report their first progress."""
+
+    def __init__(self, sig: int):
+        super().__init__()
+        self.sig = sig
+
+    def statistics_progress(self, done, total):
+        os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_statistics_stops_at_once_and_leaves_nothing(preset, tmp_path, sig, code):
+    """Before the loop there is no step to save: one line naming the phase, the handlers restored, and a
+    fresh run leaves no directory behind (the statistics cache is only ever written whole)."""
+    out = tmp_path / "run"
+    previous = signal.getsignal(sig)
+    with pytest.raises(RunStopped) as stopped:
+        _run(_cfg(preset), out, SignalDuringStatistics(sig))
+    message = str(stopped.value)
+    assert stopped.value.exit_code == code and "\n" not in message
+    assert message.startswith(f"{signal.Signals(sig).name} during the Analytic-Precond statistics")
+    assert signal.getsignal(sig) is previous
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # The lock and SIGTERM through the real command line (subprocesses)
 

@@ -32,7 +32,7 @@ from apctl.training.ema import frozen_copy
 from apctl.training.lock import RunLock, check_unlocked
 from apctl.training.run_directory import NewEntries, check_run_directory
 from apctl.training.schedule import learning_rate
-from apctl.training.signals import StopSignals, exit_code, signal_name
+from apctl.training.signals import StopAtOnce, StopSignals, exit_code, signal_name
 from apctl.training.snapshots import save_snapshot
 from apctl.training.step import micro_batches, step_generator, train_step  # noqa: F401 (step_generator re-exported)
 from apctl.training.tensorboard_sink import open_tensorboard, tensorboard_sink_available
@@ -244,8 +244,9 @@ def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data
     if stats is None and distilling and needs_statistics(cfg.precond):
         if not distributed.is_main():
             distributed.barrier()
-        stats, origin = obtain_statistics(cfg.precond, teacher, data_source, run_dir / "precond_stats.safetensors",
-                                          reporter.statistics_progress)
+        with StopAtOnce("the Analytic-Precond statistics"):
+            stats, origin = obtain_statistics(cfg.precond, teacher, data_source, run_dir / "precond_stats.safetensors",
+                                              reporter.statistics_progress)
         reporter.message(f"Analytic-Precond statistics: {origin} ({len(stats.lam)} levels)")
         if distributed.is_main():
             distributed.barrier()
@@ -440,8 +441,14 @@ def alignment_probe(run: Run, progress=None):
     if not run.cfg.training.eval_every or not distills(run.cfg.objective):
         return None
     e = run.cfg.eval
-    return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
-                          e.seed, e.teacher_steps, run.objective.grid.numpy(), progress=progress, schedule=e.sigmas)
+    try:
+        with StopAtOnce("the teacher ODE reference of the alignment probe"):
+            return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
+                                  e.seed, e.teacher_steps, run.objective.grid.numpy(), progress=progress,
+                                  schedule=e.sigmas)
+    except BaseException:
+        run.abandon()          # a fresh run stopped here leaves nothing behind, as one that failed in prepare
+        raise
 
 
 @torch.no_grad()

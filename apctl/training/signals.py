@@ -6,6 +6,10 @@ and stops. A second signal does not wait: it raises `RunStopped` wherever the lo
 being written is abandoned, its temporary file removed; the previous one stays). On exit the
 previous handlers are restored.
 
+Before the loop there is no step to checkpoint: `StopAtOnce` (around the Analytic-Precond statistics
+and the probe's teacher-ODE reference) turns the first SIGTERM / SIGINT into `RunStopped` at once,
+with one line; the statistics cache is only ever written whole, so a re-run starts that phase again.
+
 Under torchrun every rank must stop at the same step, or the ranks would wait for each other in the
 next all-reduce for ever. `requested()` therefore takes the maximum over the ranks: every step when
 the ranks talk over CPU tensors (gloo; a few microseconds), every `sync_every` steps otherwise (a
@@ -70,3 +74,27 @@ class StopSignals:
         flag = torch.tensor([self.signum], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
+
+
+class StopAtOnce:
+    """Outside the loop: the first SIGTERM / SIGINT raises `RunStopped` naming `phase` (see the module
+    docstring). Previous handlers are restored on exit."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopAtOnce":
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        raise RunStopped(f"{signal_name(signum)} during {self.phase}: stopped before training went on; "
+                         "re-run the same command to start again (from the last checkpoint, if any)", exit_code(signum))
