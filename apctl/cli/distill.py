@@ -74,6 +74,9 @@ def run_training(command: str, cfg, preset: str, preset_path: Path, out: Optiona
             reporter = SilentReporter()
         if distributed.is_main():
             _banner(reporter, command, cfg, preset_path, out)
+        # The ranks start together: an error every rank meets (a bad batch split, a missing file) then reaches
+        # rank 0, the one that prints, before torchrun stops the others for the first rank that failed.
+        distributed.barrier()
         run = prepare(cfg, out, reporter)
         probe = alignment_probe(run, ProgressCallback("teacher ODE reference"))
         train(run, reporter, probe)
