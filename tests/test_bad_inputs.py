@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from apctl import config as config_module
+from tiny_runs import TINY_TOY2D
 
 TIMEOUT = 30.0
 
@@ -36,18 +37,7 @@ TIMEOUT = 30.0
 # The workspace: a real tiny run (checkpoint pair, statistics) and the files the cases mutate
 
 
-TINY = """extends = "toy2d"
-[run]
-name = "tiny"
-[student]
-hidden = 16
-depth = 2
-embed_dim = 8
-[precond.statistics]
-n_points = 8
-n_samples = 64
-batch_size = 64
-[training]
+TINY = TINY_TOY2D + """[training]
 iterations = 2
 batch_size = 8
 log_every = 1

@@ -23,19 +23,9 @@ from apctl.checkpoints import list_checkpoints, load_checked_checkpoint
 from apctl.errors import ApctlError, RunStopped, WriteError
 from apctl.presets import load_config
 from apctl.training.run import prepare, train
+from tiny_runs import TINY_TOY2D
 
-TINY = """extends = "toy2d"
-[run]
-name = "tiny"
-[student]
-hidden = 16
-depth = 2
-embed_dim = 8
-[precond.statistics]
-n_points = 8
-n_samples = 64
-batch_size = 64
-[training]
+TINY = TINY_TOY2D + """[training]
 iterations = 12
 batch_size = 8
 log_every = 1
