@@ -37,16 +37,13 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-class StopSignals:
-    """Record SIGTERM / SIGINT while the loop runs; see the module docstring."""
+class _Handlers:
+    """A context that sends SIGTERM / SIGINT to `self._handle` and restores the previous handlers on exit."""
 
-    def __init__(self, device: torch.device | None = None, sync_every: int = 1):
-        self.signum = 0
-        self.device = device or torch.device("cpu")
-        self.sync_every = max(int(sync_every), 1)
-        self.previous: dict[int, object] = {}
+    previous: dict[int, object]
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self):
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():   # Python delivers signals to the main thread only
             for sig in SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -56,6 +53,18 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+
+class StopSignals(_Handlers):
+    """Record SIGTERM / SIGINT while the loop runs; see the module docstring."""
+
+    def __init__(self, device: torch.device | None = None, sync_every: int = 1):
+        self.signum = 0
+        self.device = device or torch.device("cpu")
+        self.sync_every = max(int(sync_every), 1)
 
     def _handle(self, signum, frame) -> None:
         if self.signum:
@@ -76,24 +85,12 @@ class StopSignals:
         return int(flag.item())
 
 
-class StopAtOnce:
+class StopAtOnce(_Handlers):
     """Outside the loop: the first SIGTERM / SIGINT raises `RunStopped` naming `phase` (see the module
     docstring). Previous handlers are restored on exit."""
 
     def __init__(self, phase: str):
         self.phase = phase
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> "StopAtOnce":
-        if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
     def _handle(self, signum, frame) -> None:
         raise RunStopped(f"{signal_name(signum)} during {self.phase}: stopped before training went on; "
