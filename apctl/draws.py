@@ -48,7 +48,9 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 class GeneratorDraws:
-    """Draws for a batch of `n` rows from one torch.Generator, one torch call per draw."""
+    """Draws for a batch of `n` rows from one torch.Generator, one torch call per draw. Like every draw of
+    a step they are made on the CPU, where the generators live (the same numbers on any device); the
+    step moves each batch to the run's device once."""
 
     def __init__(self, generator: torch.Generator, n: int):
         self.generator, self.n = generator, int(n)

@@ -30,7 +30,7 @@ def _teacher_reference(trained, count: int, labels, gen, device):
         classes = None if labels is None else labels.argmax(1)
         return teacher.sample(count, gen, labels=classes).cpu().numpy(), "teacher (exact samples)"
     steps = trained.cfg.eval.teacher_steps
-    z = torch.randn((count, *trained.shape), generator=gen)
+    z = torch.randn((count, *trained.shape), generator=gen)     # CPU noise: teacher_sample moves it to the teacher
     return teacher_sample(teacher, z, steps, labels).numpy(), f"teacher ODE ({steps} Heun steps)"
 
 

@@ -27,6 +27,7 @@ from apctl.presets import config_to_toml
 from apctl.errors import ApctlError, RunStopped
 from apctl.files import WRITE_ERRNOS, atomic_write, remove_stale_temporaries, write_error
 from apctl.plots import write_metrics_figure
+from apctl.strict_json import dumps
 from apctl.training import distributed, guard
 from apctl.training.ema import frozen_copy
 from apctl.training.lock import RunLock, check_unlocked
@@ -333,7 +334,7 @@ def _log(run: Run, path: Path, logs: dict, sink=None) -> None:
     if distributed.is_main():
         try:
             with open(path, "a") as fh:        # an append: a cut-short last line is dropped on resume
-                fh.write(json.dumps(guard.json_safe(logs), allow_nan=False) + "\n")
+                fh.write(dumps(guard.json_safe(logs)) + "\n")   # strict JSON, one encoder for every file
         except OSError as exc:
             if exc.errno in WRITE_ERRNOS:
                 raise write_error(path, exc) from None

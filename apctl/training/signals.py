@@ -38,7 +38,8 @@ def signal_name(signum: int) -> str:
 
 
 class _Handlers:
-    """A context that sends SIGTERM / SIGINT to `self._handle` and restores the previous handlers on exit."""
+    """A context that sends SIGTERM / SIGINT to `self._handle` (each subclass defines it) and restores the
+    previous handlers on exit."""
 
     previous: dict[int, object]
 
@@ -53,9 +54,6 @@ class _Handlers:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        raise NotImplementedError
 
 
 class StopSignals(_Handlers):

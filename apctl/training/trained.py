@@ -13,7 +13,6 @@ from apctl.config import Config, config_from_dict
 from apctl.errors import ApctlError
 from apctl.preconditioning.build import preconditioning_from_state
 from apctl.schedules import karras_sigmas
-from apctl.strict_json import decode_nonfinite
 
 
 @dataclass
@@ -46,7 +45,7 @@ def load_trained_student(path: str | Path, weights: str = "ema", device: torch.d
 
     ckpt = load_checked_checkpoint(path)
     cfg = config_from_dict(ckpt.meta["config"], source=str(ckpt.path))
-    arch = decode_nonfinite(ckpt.meta["student"])        # "inf" → inf (apctl.strict_json)
+    arch = ckpt.meta["student"]          # load_checkpoint has decoded its "inf" strings (apctl.strict_json)
     net = build_student(arch)
     state = ckpt.group(weights)
     if not state:
