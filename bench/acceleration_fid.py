@@ -4,7 +4,8 @@
 directories with their checkpoints. FID on this CPU costs ~1–2 s per image (Inception-v3 at 299 px),
 so FID "every M iterations" is computed afterwards, here, on every checkpoint the runs kept and at
 step 0 (the student initialised from the teacher: teacher weights + zero s-embedding), for the CTM
-pair (CTM's coefficients vs Analytic-Precond), at the requested NFEs:
+pair (CTM's coefficients vs Analytic-Precond) and, with `--objectives ctm cd`, the CD pair (CM's
+coefficients vs Analytic-Precond; like-for-like at NFE 1 only), at the requested NFEs:
 
     FID(student_NFE(z_i, y_i), real digits)      reference: all 1,797 real digits
     FID(student_NFE(z_i, y_i), teacher samples)  reference: 1,797 samples of the teacher's EDM sampler
@@ -17,6 +18,7 @@ Printed: a markdown table (mean ± std over seeds, ddof 0) and the iterations ea
 reach CTM's final FID (at the checkpoints' resolution).
 
     OMP_NUM_THREADS=1 python bench/acceleration_fid.py --work /work/bench-out/digits_net --n 256 --nfe 2
+    OMP_NUM_THREADS=1 python bench/acceleration_fid.py --work /work/bench-out/digits_net --n 128 --nfe 1 --objectives ctm cd
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acceleration_network import fid_noise, teacher_edm_samples  # noqa: E402
 
-LABEL = {"ctm": "CTM's coefficients", "analytic": "Analytic-Precond"}
+LABEL = {"ctm": "CTM's coefficients", "cm": "CM's coefficients", "analytic": "Analytic-Precond"}
+BASELINE = {"ctm": "ctm", "cd": "cm"}      # the objective's own coefficients, against which Analytic-Precond runs
 
 
 def reference_stats(work: Path, name: str, make_images, net) -> dict:
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="student samples per FID")
     ap.add_argument("--nfe", type=int, nargs="+", default=[2])
     ap.add_argument("--fid-seed", type=int, default=2024)
+    ap.add_argument("--objectives", nargs="+", choices=sorted(BASELINE), default=["ctm"],
+                    help="which pairs: ctm (CTM's coefficients vs Analytic-Precond), cd (CM's vs Analytic-Precond)")
     ap.add_argument("--reference-n", type=int, default=0,
                     help="images per reference set (default 0 = all 1,797, as the issue asks; small values for a smoke run)")
     args = ap.parse_args()
@@ -102,9 +107,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     net = load_inception()
-    runs = sorted(p for p in (args.work / "runs").glob("ctm-*-seed*") if p.is_dir())
+    runs = sorted(p for objective in args.objectives for p in (args.work / "runs").glob(f"{objective}-*-seed*") if p.is_dir())
     if not runs:
-        sys.exit(f"no CTM runs under {args.work / 'runs'}")
+        sys.exit(f"no {' or '.join(args.objectives)} runs under {args.work / 'runs'}")
     first = load_trained_student(checkpoint_points(runs[0])[0][1])
     teacher = first.teacher()
     real = load_training_data(first.cfg.data).images          # uint8 (N, 1, 16, 16): the images as trained on
@@ -129,7 +134,8 @@ def main() -> None:
                 started = time.perf_counter()
                 trained = initial_student(points[0][1]) if ckpt is None else load_trained_student(ckpt, "ema")
                 feats = net.features(samples(trained, z, y, nfe))["2048"]
-                row = {"run": run_dir.name, "kind": run_dir.name.split("-")[1], "seed": int(run_dir.name.rsplit("seed", 1)[1]),
+                row = {"run": run_dir.name, "objective": run_dir.name.split("-")[0], "kind": run_dir.name.split("-")[1],
+                       "seed": int(run_dir.name.rsplit("seed", 1)[1]),
                        "step": step, "nfe": nfe, "n": args.n,
                        **{f"fid_{k}": frechet_distance_from_features(feats, r["mu"], r["sigma"]) for k, r in refs.items()},
                        "seconds": time.perf_counter() - started}
@@ -143,18 +149,21 @@ def markdown(results: list[dict]) -> str:
     def pm(values):
         return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if values else "—"
 
+    for r in results:                          # cached rows from before the CD pair was measured
+        r.setdefault("objective", r["run"].split("-")[0])
     lines = []
     for nfe in sorted({r["nfe"] for r in results}):
         steps = sorted({r["step"] for r in results if r["nfe"] == nfe})
         lines += [f"NFE {nfe}: FID of {results[0]['n']} samples against all 1,797 real digits / 1,797 teacher samples",
-                  "", "| coefficients | " + " | ".join(f"step {s}" for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
-        for kind in ("ctm", "analytic"):
-            cells = []
-            for s in steps:
-                rs = [r for r in results if r["nfe"] == nfe and r["kind"] == kind and r["step"] == s]
-                cells.append(f"{pm([r['fid_real'] for r in rs])} / {pm([r['fid_teacher'] for r in rs])} ({len(rs)} seeds)")
-            lines.append(f"| {LABEL[kind]} | " + " | ".join(cells) + " |")
+                  "", "| objective | coefficients | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|---|" + "---|" * len(steps)]
+        for objective in sorted({r["objective"] for r in results if r["nfe"] == nfe}, reverse=True):
+            for kind in (BASELINE[objective], "analytic"):
+                cells = []
+                for s in steps:
+                    rs = [r for r in results if (r["nfe"], r["objective"], r["kind"], r["step"]) == (nfe, objective, kind, s)]
+                    cells.append(f"{pm([r['fid_real'] for r in rs])} / {pm([r['fid_teacher'] for r in rs])} ({len(rs)} seeds)")
+                lines.append(f"| {objective.upper()} | {LABEL[kind]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -25,10 +25,15 @@ def test_a_run_under_a_log_file_is_followable(tmp_path, cli):
     assert [r["step"] for r in rows if "align_nfe2" in r] == [0, 15, 20]
     trained = [r for r in rows if "loss" in r]
     assert all({"time", "lr", "peak_memory_mb", "grad_norm"} <= r.keys() for r in trained)
+    import math
+
     from apctl.presets import load_config
 
-    lr = load_config("toy2d")[0].training.lr                    # a constant schedule: the preset's rate
-    assert all(r["lr"] == lr and r["peak_memory_mb"] > 0 for r in trained)
+    tc = load_config("toy2d")[0].training                       # cosine from lr to 0 over the run's 20 steps
+    assert tc.lr_schedule == "cosine" and tc.lr_warmup == 0
+    # a row at step k logs the rate of the last step taken, k − 1 (training/schedule.py)
+    assert all(math.isclose(r["lr"], tc.lr * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / 20)), rel_tol=1e-12)
+               and r["peak_memory_mb"] > 0 for r in trained), [r["lr"] for r in trained]
     last = out.strip().splitlines()[-1]
     assert last.startswith("alignment RMS vs teacher ODE at step 20:"), last
 

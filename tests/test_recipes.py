@@ -75,7 +75,9 @@ def checkpoint_tensors(run_dir: Path, step: int) -> tuple[dict, dict]:
 # b, c. Exact resume by re-running the same command; a changed config is refused.
 
 RESUME_N = 40
-CTM_RESUME = ["training.eval_every=0", "training.log_every=10"]
+# Run B is extended from RESUME_N/2 to RESUME_N iterations, which a decaying lr schedule (toy2d's cosine
+# ends at training.iterations) refuses; the extension is what this test resumes, so the schedule is constant.
+CTM_RESUME = ["training.eval_every=0", "training.log_every=10", "training.lr_schedule=constant"]
 
 
 def _distill(cli, ws, out, preset, overrides):
@@ -152,7 +154,8 @@ def test_config_change_is_refused_and_run_untouched(ctm_resume, cli):
 def test_resume_with_analytic_precond_reuses_the_statistics(tmp_path, cli):
     n = 20
     tiny = ["precond.statistics.n_points=16", "precond.statistics.n_samples=64", "precond.statistics.batch_size=64",
-            "eval.n_samples=64", "eval.teacher_steps=8", "training.eval_every=5", "training.log_every=5"]
+            "eval.n_samples=64", "eval.teacher_steps=8", "training.eval_every=5", "training.log_every=5",
+            "training.lr_schedule=constant"]          # extended from n/2 to n iterations (see CTM_RESUME)
     _, first = _distill_both(cli, tmp_path, "toy2d", tiny, n)
     assert "Analytic-Precond statistics: computed (16 levels)" in first.stdout
     stats_file = tmp_path / "B" / "precond_stats.safetensors"

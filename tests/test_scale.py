@@ -281,6 +281,25 @@ def test_run_applies_and_checkpoints_the_scheduled_rate(tmp_path):
         assert [g["lr"] for g in meta["optimizer"]["param_groups"]] == [learning_rate(tc, step - 1)]
 
 
+def test_extending_a_run_with_a_decaying_schedule_is_refused_with_the_reason(tmp_path):
+    """A cosine run of 4 steps cannot be resumed as a 6-step run (its decay ends at step 4): one error naming
+    training.iterations and why, the checkpoint untouched; with the same length it resumes."""
+    from apctl.errors import ApctlError
+    from apctl.presets import load_config
+    from apctl.training.run import prepare
+
+    run = _run(tmp_path, "cos", 'training.lr_schedule="cosine"')
+    saved = (run.checkpoint_dir / "ckpt-0000004.safetensors").read_bytes()
+    cfg, _ = load_config("toy2d", [*TOY, 'training.lr_schedule="cosine"', "training.iterations=6"])
+    with pytest.raises(ApctlError, match=r"\(training\.iterations\) \(a cosine lr_schedule ends at training\.iterations"):
+        prepare(cfg, tmp_path / "cos")
+    assert (run.checkpoint_dir / "ckpt-0000004.safetensors").read_bytes() == saved
+    cfg, _ = load_config("toy2d", [*TOY, 'training.lr_schedule="cosine"'])
+    resumed = prepare(cfg, tmp_path / "cos")
+    assert resumed.step == 4
+    resumed.close()
+
+
 # --- the guarded step ---------------------------------------------------------------------------------------
 
 def _state(run) -> dict[str, torch.Tensor]:

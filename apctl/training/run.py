@@ -175,7 +175,10 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
     if latest is not None:
         changed = config_differences(latest.meta["config"], cfg.to_dict())
         if changed:
-            raise ApctlError(f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}); "
+            why = (f" (a {cfg.training.lr_schedule} lr_schedule ends at training.iterations, so a run with one "
+                   "cannot be extended; train it with lr_schedule = \"constant\" to extend it later)"
+                   if "training.iterations" in changed else "")
+            raise ApctlError(f"{run_dir} holds a run with a different config ({', '.join(changed[:4])}){why}; "
                              "pass a new --out, or the same settings to resume it")
     device = resolve_device(cfg.run.device)
     # Files are read before anything is written: a missing teacher or data set leaves no run directory.
