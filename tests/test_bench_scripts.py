@@ -1,5 +1,6 @@
 """The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
-bench/acceleration_network.py) on synthetic curves, and the commands bench/cifar10_figure3.py runs."""
+bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and a short
+run of bench/toy2d_ceiling.py."""
 
 from __future__ import annotations
 
@@ -124,3 +125,19 @@ def test_cifar10_checkpoint_steps():
     fig3 = load("cifar10_figure3")
     assert fig3.checkpoint_steps(150000, 5000)[-1] == 150000 and len(fig3.checkpoint_steps(150000, 5000)) == 30
     assert fig3.checkpoint_steps(12000, 5000) == [5000, 10000, 12000]
+
+
+def test_toy2d_ceiling_runs_and_scores_on_the_probe():
+    """bench/toy2d_ceiling.py end to end at 3 iterations: one JSON row; its regression targets (a 48-step Heun
+    chain) sit within 0.01 RMS of the probe's 256-step reference, and an untrained regression is far from it."""
+    import json
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
+    out = subprocess.run([sys.executable, str(BENCH / "toy2d_ceiling.py"), "--iterations", "3", "--fourier", "8"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["iterations"] == 3 and row["fourier"] == 8 and row["batch"] == 256
+    assert row["targets_vs_reference"]["alignment_rms"] < 0.01
+    assert row["regression"]["alignment_rms"] > 10 * row["targets_vs_reference"]["alignment_rms"]
+    assert 0 < row["teacher_ode_beyond_3sigma"]["exact"] < 0.05
