@@ -14,8 +14,9 @@ coefficients vs Analytic-Precond; like-for-like at NFE 1 only), at the requested
 Student samples use one fixed noise z_i ~ N(0, I) (seed `--fid-seed`, classes cycling 0..9) for every
 run and step, so differences between runs are not sampling noise in z. Everything is cached in
 `<work>/fid/` (reference statistics, one JSON per evaluated point), so an interrupted run resumes.
-Printed: a markdown table (mean ± std over seeds, ddof 0) and the iterations each variant needs to
-reach CTM's final FID (at the checkpoints' resolution).
+Printed: a markdown table (mean ± std over seeds, ddof 0) and, per objective and NFE, the iterations
+Analytic-Precond needs to reach the baseline's final seed-mean FID against real digits
+(`bench/acceleration.py`'s `speedup`, at the checkpoints' resolution).
 
     OMP_NUM_THREADS=1 python bench/acceleration_fid.py --work /work/bench-out/digits_net --n 256 --nfe 2
     OMP_NUM_THREADS=1 python bench/acceleration_fid.py --work /work/bench-out/digits_net --n 128 --nfe 1 --objectives ctm cd
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from acceleration import format_ratio, speedup  # noqa: E402
 from acceleration_network import fid_noise, teacher_edm_samples  # noqa: E402
 
 LABEL = {"ctm": "CTM's coefficients", "cm": "CM's coefficients", "analytic": "Analytic-Precond"}
@@ -134,9 +136,7 @@ def main() -> None:
                 started = time.perf_counter()
                 trained = initial_student(points[0][1]) if ckpt is None else load_trained_student(ckpt, "ema")
                 feats = net.features(samples(trained, z, y, nfe))["2048"]
-                row = {"run": run_dir.name, "objective": run_dir.name.split("-")[0], "kind": run_dir.name.split("-")[1],
-                       "seed": int(run_dir.name.rsplit("seed", 1)[1]),
-                       "step": step, "nfe": nfe, "n": args.n,
+                row = {**run_fields(run_dir.name), "step": step, "nfe": nfe, "n": args.n,
                        **{f"fid_{k}": frechet_distance_from_features(feats, r["mu"], r["sigma"]) for k, r in refs.items()},
                        "seconds": time.perf_counter() - started}
                 cache.write_text(json.dumps(row))
@@ -145,26 +145,41 @@ def main() -> None:
     print(markdown(results))
 
 
+def run_fields(name: str) -> dict:
+    """"<objective>-<coefficients>-seed<k>" (acceleration_network.py's run names) → its fields."""
+    objective, kind, seed = name.split("-")
+    return {"run": name, "objective": objective, "kind": kind, "seed": int(seed.removeprefix("seed"))}
+
+
 def markdown(results: list[dict]) -> str:
     def pm(values):
         return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if values else "—"
 
-    for r in results:                          # cached rows from before the CD pair was measured
-        r.setdefault("objective", r["run"].split("-")[0])
+    results = [{**r, **run_fields(r["run"])} for r in results]   # cached rows from before the CD pair lack "objective"
     lines = []
     for nfe in sorted({r["nfe"] for r in results}):
         steps = sorted({r["step"] for r in results if r["nfe"] == nfe})
         lines += [f"NFE {nfe}: FID of {results[0]['n']} samples against all 1,797 real digits / 1,797 teacher samples",
                   "", "| objective | coefficients | " + " | ".join(f"step {s}" for s in steps) + " |",
                   "|---|---|" + "---|" * len(steps)]
+        reach = []
         for objective in sorted({r["objective"] for r in results if r["nfe"] == nfe}, reverse=True):
+            mean_real = {}
             for kind in (BASELINE[objective], "analytic"):
                 cells = []
                 for s in steps:
                     rs = [r for r in results if (r["nfe"], r["objective"], r["kind"], r["step"]) == (nfe, objective, kind, s)]
                     cells.append(f"{pm([r['fid_real'] for r in rs])} / {pm([r['fid_teacher'] for r in rs])} ({len(rs)} seeds)")
+                    if rs:
+                        mean_real.setdefault(kind, []).append(statistics.mean(r["fid_real"] for r in rs))
                 lines.append(f"| {objective.upper()} | {LABEL[kind]} | " + " | ".join(cells) + " |")
-        lines.append("")
+            if all(len(mean_real.get(k, [])) == len(steps) for k in (BASELINE[objective], "analytic")):
+                s = speedup(steps, mean_real[BASELINE[objective]], mean_real["analytic"])
+                reached = "never" if s["candidate_steps"] is None else f"at step {s['candidate_steps']}"
+                reach.append(f"{objective.upper()}, the final FID of {LABEL[BASELINE[objective]]} against real digits "
+                             f"({s['target']:.2f}, step {s['baseline_steps']}): reached by Analytic-Precond {reached}, "
+                             f"{format_ratio(s['ratio'])}")
+        lines += ["", *reach, ""]
     return "\n".join(lines)
 
 

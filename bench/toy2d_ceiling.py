@@ -25,6 +25,7 @@ neighbouring modes (the map's region boundaries drawn too smoothly), not noise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -50,6 +51,7 @@ def main() -> None:
     from apctl.sampling import teacher_sample
     from apctl.schedules import SIGMA_MAX, SIGMA_MIN
     from apctl.teachers import build_teacher
+    from apctl.training.schedule import learning_rate, set_learning_rate
 
     torch.set_num_threads(1)
     cfg, _ = load_config(args.preset)
@@ -71,12 +73,13 @@ def main() -> None:
         t, s = torch.full((len(z),), SIGMA_MAX), torch.full((len(z),), SIGMA_MIN)
         return net(x, t, s)[:, :dim]
 
-    optimizer = (torch.optim.RAdam if tc.optimizer == "radam" else torch.optim.Adam)(net.parameters(), lr=lr)
+    # The preset's optimizer; its lr decayed by apctl's own cosine schedule (training/schedule.py) to 0.
+    schedule = dataclasses.replace(tc, iterations=iterations, lr=lr, lr_schedule="cosine", lr_warmup=0, lr_floor=0.0)
+    optimizer = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[tc.optimizer](net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
     started = time.process_time()
     for k in range(iterations):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * k / iterations))
+        set_learning_rate(optimizer, learning_rate(schedule, k))
         z = torch.randn(tc.batch_size, dim, generator=gen)
         with torch.no_grad():
             target = teacher_sample(teacher, z, args.target_steps)

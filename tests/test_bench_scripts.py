@@ -141,3 +141,20 @@ def test_toy2d_ceiling_runs_and_scores_on_the_probe():
     assert row["targets_vs_reference"]["alignment_rms"] < 0.01
     assert row["regression"]["alignment_rms"] > 10 * row["targets_vs_reference"]["alignment_rms"]
     assert 0 < row["teacher_ode_beyond_3sigma"]["exact"] < 0.05
+
+
+def test_acceleration_fid_table_and_iterations_to_reach():
+    """bench/acceleration_fid.py's summary on synthetic rows: seed means in the table, and the step at which
+    Analytic-Precond's seed-mean FID first reaches the baseline's final one (CD: 6.0 at step 100 against
+    200, 2×; CTM: never)."""
+    fid = load("acceleration_fid")
+    curves = {"cd-cm": [10.0, 8.0, 6.0], "cd-analytic": [10.0, 6.0, 5.0], "ctm-ctm": [9.0, 7.0, 5.0],
+              "ctm-analytic": [9.0, 8.0, 6.0]}
+    rows = [{"run": f"{name}-seed{seed}", "step": step, "nfe": 1, "n": 8, "fid_real": value + (seed - 0.5) / 10,
+             "fid_teacher": value}
+            for name, values in curves.items() for seed in (0, 1) for step, value in zip((0, 100, 200), values)]
+    text = fid.markdown(rows)
+    assert "| CD | CM's coefficients | 10.00 ± 0.05 / 10.00 ± 0.00 (2 seeds) | 8.00 ± 0.05" in text
+    assert "CD, the final FID of CM's coefficients against real digits (6.00, step 200): reached by Analytic-Precond at step 100, 2.00×" in text
+    assert "CTM, the final FID of CTM's coefficients against real digits (5.00, step 200): reached by Analytic-Precond never" in text
+    assert fid.run_fields("cd-analytic-seed12") == {"run": "cd-analytic-seed12", "objective": "cd", "kind": "analytic", "seed": 12}
