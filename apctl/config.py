@@ -99,6 +99,7 @@ class StudentConfig:
     hidden: int = field(default=256, metadata=_range(1, MAX_WIDTH))
     depth: int = field(default=4, metadata=_range(1, MAX_DEPTH))
     embed_dim: int = field(default=64, metadata=_range(2, MAX_WIDTH))
+    input_gain: float = field(default=1.0, metadata=_range(1e-3, 1e4))   # mlp: fixed gain on c_in·x (networks/mlp.py)
     network: str = "tiny-songunet-16"
     init_from_teacher: bool = True
     dropout: float = field(default=-1.0, metadata=_range(-1.0, 1.0))   # < 0: the architecture's own rate
@@ -218,8 +219,10 @@ class TrainingConfig:
     # share / batch_per_device micro-batches (EDM's --batch-gpu). 0: the whole share at once
     batch_per_device: int = field(default=0, metadata=_range(0))
     # learning rate of step k: lr · min(1, (k + 1)/lr_warmup) · decay, decay by lr_schedule from 1 at the
-    # end of the warm-up to lr_floor (a fraction of lr) at step `iterations` (training/schedule.py)
+    # end of the warm-up (after a hold at full lr over the fraction lr_hold of the remaining steps) to
+    # lr_floor (a fraction of lr) at step `iterations` (training/schedule.py)
     lr_warmup: int = field(default=0, metadata=_range(0))
+    lr_hold: float = field(default=0.0, metadata=_range(0.0, 0.99))
     lr_schedule: str = field(default="constant", metadata=_choice("constant", "cosine", "linear"))
     lr_floor: float = field(default=0.0, metadata=_range(0.0, 1.0))
     # a step with a non-finite loss or gradient is skipped; this many in a row stop the run

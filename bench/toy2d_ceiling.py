@@ -13,6 +13,7 @@ result is scored on the run's own probe (`eval.seed`, 8,192 noises, the 256-step
 `bench/toy2d_default.py` scores a distilled student. Whatever this regression cannot reach, CTM with
 the same network and budget cannot either: its targets are worse than x*.
 
+`--input-gain G` sets the MLP's fixed gain on its input c_in·x (`student.input_gain`, networks/mlp.py).
 `--fourier F --fourier-scale S` appends random Fourier features of the network input
 (Tancik et al. 2020; φ(u) = [cos 2πBu, sin 2πBu], B ~ N(0, S²)), a sharper embedding of x that apctl's
 MLP does not have: tried here because the student's excess off-mode samples are bridges between
@@ -20,6 +21,7 @@ neighbouring modes (the map's region boundaries drawn too smoothly), not noise.
 
     OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py                                  # the preset as is
     OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --fourier 128 --fourier-scale 5 --iterations 8400
+    OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --input-gain 1                 # the MLP before the gain
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=0, help="default: the preset's training.iterations")
     ap.add_argument("--lr", type=float, default=0.0, help="default: the preset's training.lr")
     ap.add_argument("--hidden", type=int, default=0, help="default: the preset's student.hidden")
+    ap.add_argument("--input-gain", type=float, default=0.0, help="default: the preset's student.input_gain")
     ap.add_argument("--target-steps", type=int, default=48, help="Heun steps of the regression targets")
     ap.add_argument("--fourier", type=int, default=0, help="random Fourier features of the input (0 = none)")
     ap.add_argument("--fourier-scale", type=float, default=1.0)
@@ -57,10 +60,11 @@ def main() -> None:
     cfg, _ = load_config(args.preset)
     st, tc = cfg.student, cfg.training
     iterations, lr, hidden = args.iterations or tc.iterations, args.lr or tc.lr, args.hidden or st.hidden
+    gain = args.input_gain or st.input_gain
     teacher = build_teacher(cfg.teacher)
     dim = teacher.components()[0].shape[1]
     torch.manual_seed(args.seed)
-    net = TwoTimeMLP((dim + args.fourier,), 0, hidden, st.depth, st.embed_dim)
+    net = TwoTimeMLP((dim + args.fourier,), 0, hidden, st.depth, st.embed_dim, input_gain=gain)
     B = args.fourier_scale * torch.randn(args.fourier // 2, dim, generator=torch.Generator().manual_seed(args.seed))
 
     def predict(z: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,7 @@ def main() -> None:
     with torch.no_grad():
         out = torch.cat([predict(z) for z in probe.z.split(2048)])
         chain = teacher_sample(teacher, probe.z, args.target_steps)
-    row = {"preset": args.preset, "iterations": iterations, "batch": tc.batch_size, "lr": lr, "hidden": hidden,
+    row = {"preset": args.preset, "iterations": iterations, "batch": tc.batch_size, "lr": lr, "hidden": hidden, "input_gain": gain,
            "depth": st.depth, "fourier": args.fourier, "fourier_scale": args.fourier_scale, "seed": args.seed,
            "cpu_s": round(cpu, 1), "regression": probe.measure(out),
            "targets_vs_reference": probe.measure(chain), "teacher_ode_beyond_3sigma": probe.beyond_3sigma}

@@ -134,10 +134,11 @@ def test_toy2d_ceiling_runs_and_scores_on_the_probe():
     import os
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
-    out = subprocess.run([sys.executable, str(BENCH / "toy2d_ceiling.py"), "--iterations", "3", "--fourier", "8"],
+    out = subprocess.run([sys.executable, str(BENCH / "toy2d_ceiling.py"), "--iterations", "3", "--fourier", "8",
+                          "--input-gain", "2.5"],
                          env=env, capture_output=True, text=True, check=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
-    assert row["iterations"] == 3 and row["fourier"] == 8 and row["batch"] == 256
+    assert row["iterations"] == 3 and row["fourier"] == 8 and row["batch"] == 256 and row["input_gain"] == 2.5
     assert row["targets_vs_reference"]["alignment_rms"] < 0.01
     assert row["regression"]["alignment_rms"] > 10 * row["targets_vs_reference"]["alignment_rms"]
     assert 0 < row["teacher_ode_beyond_3sigma"]["exact"] < 0.05

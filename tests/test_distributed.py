@@ -21,7 +21,7 @@ import pytest
 NPROC = 2
 BASE = ["--set", "training.batch_size=8", "--set", "precond.kind=\"ctm\"", "--set", "training.eval_every=0",
         "--set", "training.log_every=2", "--set", "training.checkpoint_every=3",
-        "--set", "training.lr_schedule=constant"]   # a run is extended from 6 to 8 iterations: toy2d's cosine would refuse
+        "--set", "training.lr_schedule=constant"]   # a run is extended from 6 to 8 iterations: toy2d's decaying lr would refuse
 
 
 def _torchrun_or_skip() -> None:

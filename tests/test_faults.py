@@ -32,7 +32,7 @@ log_every = 1
 checkpoint_every = 4
 keep_checkpoints = 3
 eval_every = 0
-lr_schedule = "constant"   # the tests stop runs early and extend them; toy2d's cosine would refuse that
+lr_schedule = "constant"   # the tests stop runs early and extend them; toy2d's decaying lr would refuse that
 """
 
 

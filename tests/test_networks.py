@@ -532,3 +532,43 @@ def test_two_time_fourier_base_and_rejects_other_preconds():
     vp = VPPrecond(**{k: v for k, v in kw.items()})
     with pytest.raises(ApctlError, match="EDMPrecond"):
         TwoTimeDenoiser.from_teacher(vp)
+
+
+# ------------------------------------------------------------------------------------------
+# The two-time MLP (toy2d's student) and its input gain.
+# ------------------------------------------------------------------------------------------
+
+def test_mlp_input_gain_is_a_scaled_first_layer():
+    """D_θ with input gain g equals D_θ with gain 1 whose first-layer weights on x are g× larger (the
+    contract in networks/mlp.py), at every (t, s); and at initialisation either is c_skip(t)·x."""
+    from apctl.networks.mlp import TwoTimeMLP
+    from apctl.schedules import c_skip
+
+    torch.manual_seed(0)
+    gained = TwoTimeMLP((2,), hidden=16, depth=3, embed_dim=8, input_gain=30.0)
+    plain = TwoTimeMLP((2,), hidden=16, depth=3, embed_dim=8)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, generator=g)
+    t = torch.tensor([0.002, 0.1, 0.5, 2.0, 20.0, 80.0])
+    s = t * torch.rand(6, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(gained(x, t, s), c_skip(t[:, None], 0.5) * x, rtol=0, atol=0)
+        for p in gained.parameters():
+            p.normal_(0, 0.3)
+        plain.load_state_dict(gained.state_dict())
+        plain.body[0].weight[:, :2] *= 30.0
+        assert torch.allclose(gained(x, t, s), plain(x, t, s), rtol=1e-5, atol=1e-6)
+        plain.load_state_dict(gained.state_dict())                 # the same weights without the gain differ
+        assert (gained(x, t, s) - plain(x, t, s)).abs().amax() > 1e-2
+
+
+def test_mlp_architecture_records_the_gain_and_old_checkpoints_rebuild_with_gain_one():
+    """student_architecture saves student.input_gain; an architecture saved before the key existed builds
+    the gain-1 network it was trained as."""
+    from apctl.config import StudentConfig
+    from apctl.networks.student import build_student, student_architecture
+
+    arch = student_architecture(StudentConfig(kind="mlp", hidden=8, depth=2, embed_dim=4, input_gain=7.5), (2,), 0)
+    assert arch["input_gain"] == 7.5 and build_student(arch).input_gain == 7.5
+    del arch["input_gain"]
+    assert build_student(arch).input_gain == 1.0

@@ -75,7 +75,7 @@ def checkpoint_tensors(run_dir: Path, step: int) -> tuple[dict, dict]:
 # b, c. Exact resume by re-running the same command; a changed config is refused.
 
 RESUME_N = 40
-# Run B is extended from RESUME_N/2 to RESUME_N iterations, which a decaying lr schedule (toy2d's cosine
+# Run B is extended from RESUME_N/2 to RESUME_N iterations, which a decaying lr schedule (toy2d's
 # ends at training.iterations) refuses; the extension is what this test resumes, so the schedule is constant.
 CTM_RESUME = ["training.eval_every=0", "training.log_every=10", "training.lr_schedule=constant"]
 

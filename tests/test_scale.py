@@ -35,7 +35,7 @@ RTOL, ATOL = 1e-5, 1e-6
 TOY = ['precond.kind="ctm"', "training.eval_every=0", "run.threads=1", "training.batch_size=8",
        "training.iterations=4", "training.log_every=2", "training.checkpoint_every=2",
        'objective.ctm.dsm_weighting="fixed"',
-       'training.lr_schedule="constant"']   # runs here are extended on resume; toy2d's cosine would refuse that
+       'training.lr_schedule="constant"']   # runs here are extended on resume; toy2d's decaying lr would refuse that
 
 
 def _run(tmp_path: Path, name: str, *overrides: str):
@@ -265,6 +265,23 @@ def test_learning_rate_is_the_closed_form(schedule):
         assert learning_rate(tc, k) == pytest.approx(0.5 * warm * decay[schedule], rel=1e-12), k
     assert learning_rate(tc, 10) == pytest.approx(0.5 * (0.2 if schedule != "constant" else 1.0))
     assert learning_rate(TrainingConfig(lr=0.3), 0) == 0.3                  # no warm-up: the paper's constant rate
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_learning_rate_holds_for_the_fraction_lr_hold(schedule):
+    """With lr_hold = 0.5 after a warm-up W = 2 (T = 10): the warm-up, lr held on 2 ≤ k ≤ 6 (the decay starts
+    at D = 2 + 0.5·8 = 6), then the decay over p = (k − 6)/4 to lr_floor·lr at k = T; lr_hold = 0 is no hold."""
+    from apctl.training.schedule import learning_rate
+
+    tc = TrainingConfig(iterations=10, lr=0.5, lr_warmup=2, lr_hold=0.5, lr_schedule=schedule, lr_floor=0.1)
+    for k in range(11):
+        warm = min(1.0, (k + 1) / 2)
+        p = min(1.0, max(0.0, (k - 6) / 4))
+        decay = 0.1 + 0.9 * ((1 - p) if schedule == "linear" else (1 + math.cos(math.pi * p)) / 2)
+        assert learning_rate(tc, k) == pytest.approx(0.5 * warm * decay, rel=1e-12), k
+    assert [learning_rate(tc, k) for k in (2, 5, 6)] == [0.5, 0.5, 0.5] and learning_rate(tc, 7) < 0.5
+    none = TrainingConfig(iterations=10, lr=0.5, lr_warmup=3, lr_hold=0.0, lr_schedule=schedule)
+    assert learning_rate(none, 3) == 0.5 and learning_rate(none, 4) < 0.5
 
 
 def test_run_applies_and_checkpoints_the_scheduled_rate(tmp_path):

@@ -1,9 +1,12 @@
 """A two-time MLP denoiser for low-dimensional data, with EDM's inner preconditioning.
 
-    D_θ(x, t, s, y) = c_skip(t)·x + c_out(t)·F_θ(c_in(t)·x, c_noise(t), c_noise(s), y)
+    D_θ(x, t, s, y) = c_skip(t)·x + c_out(t)·F_θ(g·c_in(t)·x, c_noise(t), c_noise(s), y)
 
-F_θ is an MLP over [c_in·x, emb(t), emb(s), W_y·y] with SiLU activations, where emb is a sinusoidal
-embedding of c_noise = ¼·ln σ. The last layer starts at zero, so at initialisation D_θ = c_skip·x:
+F_θ is an MLP over [g·c_in·x, emb(t), emb(s), W_y·y] with SiLU activations, where emb is a sinusoidal
+embedding of c_noise = ¼·ln σ and g is a fixed input gain (`input_gain`, default 1). A gain g is the
+same as first-layer weights on x initialised g× larger and, under Adam, moved g× faster: the units
+start as sharp ramps of x rather than gentle ones, which is what a map with sharp region boundaries
+(a few-step jump onto separated modes) needs (docs/benchmarks.md, "The default preset"). The last layer starts at zero, so at initialisation D_θ = c_skip·x:
 the denoiser of N(0, σ_d²·I), a sensible prior for data scaled to std ≈ σ_d.
 """
 
@@ -32,8 +35,9 @@ class SinusoidalEmbedding(nn.Module):
 
 class TwoTimeMLP(nn.Module):
     def __init__(self, shape: tuple[int, ...], label_dim: int = 0, hidden: int = 256, depth: int = 4,
-                 embed_dim: int = 64, sigma_data: float = SIGMA_DATA):
+                 embed_dim: int = 64, sigma_data: float = SIGMA_DATA, input_gain: float = 1.0):
         super().__init__()
+        self.input_gain = input_gain
         self.shape = tuple(shape)
         self.dim = math.prod(self.shape)
         self.label_dim = label_dim
@@ -57,7 +61,7 @@ class TwoTimeMLP(nn.Module):
         flat = x.reshape(x.shape[0], -1).float()
         t = t.float().reshape(-1, 1)
         s = s.float().reshape(-1)
-        features = [c_in(t, self.sigma_data) * flat, self.embed(c_noise(t.reshape(-1))), self.embed(c_noise(s))]
+        features = [self.input_gain * c_in(t, self.sigma_data) * flat, self.embed(c_noise(t.reshape(-1))), self.embed(c_noise(s))]
         if self.label_embed is not None:
             features.append(self.label_embed(labels.float()))
         F = self.head(self.body(torch.cat(features, dim=1)))

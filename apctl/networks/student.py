@@ -22,7 +22,7 @@ def student_architecture(cfg: StudentConfig, shape: tuple[int, ...], label_dim: 
     without the teacher file), else the preset network resized to the data."""
     if cfg.kind == "mlp":
         return {"kind": "mlp", "shape": list(shape), "label_dim": label_dim, "hidden": cfg.hidden,
-                "depth": cfg.depth, "embed_dim": cfg.embed_dim}
+                "depth": cfg.depth, "embed_dim": cfg.embed_dim, "input_gain": cfg.input_gain}
     if cfg.kind == "denoiser":
         return {"kind": "denoiser", "init_kwargs": _preset_resized(cfg.network, shape, label_dim)}
     if cfg.init_from_teacher and teacher_network is not None:
@@ -51,7 +51,8 @@ def build_student(arch: dict[str, Any], teacher_network: nn.Module | None = None
     """The student of `arch`; with `teacher_network` a copy of it plus a zero-initialised s-embedding
     (so D_θ(x, t, s) = D_teacher(x, t) at the start), else freshly initialised."""
     if arch["kind"] == "mlp":
-        return TwoTimeMLP(tuple(arch["shape"]), arch["label_dim"], arch["hidden"], arch["depth"], arch["embed_dim"])
+        return TwoTimeMLP(tuple(arch["shape"]), arch["label_dim"], arch["hidden"], arch["depth"], arch["embed_dim"],
+                          input_gain=arch.get("input_gain", 1.0))   # absent in checkpoints before it existed
     if arch["kind"] == "denoiser":
         from apctl.networks.registry import build_network
 

@@ -2,10 +2,12 @@
 uninterrupted one (the optimizer's param_groups travel in every checkpoint as well).
 
 For the optimizer step k = 0, 1, …, T − 1 (T = training.iterations, W = training.lr_warmup,
-f = training.lr_floor, lr = training.lr):
+h = training.lr_hold, f = training.lr_floor, lr = training.lr):
 
     warm(k)  = min(1, (k + 1)/W)                     (1 when W = 0; EDM's linear ramp-up)
-    p(k)     = clamp((k − W)/(T − W), 0, 1)           (0 during the warm-up)
+    D        = W + h·(T − W)                          (the decay's start: a fraction h of the run after
+                                                       the warm-up is held at full lr first)
+    p(k)     = clamp((k − D)/(T − D), 0, 1)           (0 during the warm-up and the hold)
     decay(k) = 1                                      constant (the paper's runs)
              = f + (1 − f)·(1 − p)                    linear
              = f + (1 − f)·½·(1 + cos(π·p))           cosine
@@ -27,7 +29,8 @@ from apctl.config import TrainingConfig
 def learning_rate(tc: TrainingConfig, step: int) -> float:
     """lr(step) by the closed form of the module docstring."""
     warm = min(1.0, (step + 1) / tc.lr_warmup) if tc.lr_warmup else 1.0
-    progress = min(1.0, max(0.0, (step - tc.lr_warmup) / max(tc.iterations - tc.lr_warmup, 1)))
+    start = tc.lr_warmup + tc.lr_hold * (tc.iterations - tc.lr_warmup)
+    progress = min(1.0, max(0.0, (step - start) / max(tc.iterations - start, 1)))
     if tc.lr_schedule == "linear":
         decay = tc.lr_floor + (1 - tc.lr_floor) * (1 - progress)
     elif tc.lr_schedule == "cosine":
