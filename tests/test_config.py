@@ -179,6 +179,19 @@ def test_dry_run_finds_teachers_where_distill_looks(tmp_path, monkeypatch):
     assert "NOT FOUND" not in rows["teacher"], rows["teacher"]
 
 
+def test_plan_states_the_learning_rate_schedule():
+    """The plan's optimizer row names the schedule the run will follow: toy2d holds lr over half of its
+    2,800 steps (decay from step 1,400); a warm-up and no hold decay from the warm-up's end."""
+    from apctl.plan import describe_plan
+
+    cfg, path = load_config("toy2d")
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam, lr 0.004, linear decay from step 1,400 to 0·lr"
+    cfg, path = load_config("toy2d", ["training.lr_warmup=100", "training.lr_hold=0", 'training.lr_schedule="cosine"'])
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam, lr 0.004, warm-up 100 steps, cosine decay to 0·lr"
+    cfg, path = load_config("toy2d", ['training.lr_schedule="constant"'])
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam, lr 0.004"
+
+
 def test_dry_run_parameter_count_matches_the_student_that_trains():
     """The plan's count must be the count of the network `apctl distill` actually builds (digits-img:
     1-channel images with the cpu-songunet-16 student)."""
