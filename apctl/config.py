@@ -222,7 +222,7 @@ class TrainingConfig:
     # end of the warm-up (after a hold at full lr over the fraction lr_hold of the remaining steps) to
     # lr_floor (a fraction of lr) at step `iterations` (training/schedule.py)
     lr_warmup: int = field(default=0, metadata=_range(0))
-    lr_hold: float = field(default=0.0, metadata=_range(0.0, 0.99))
+    lr_hold: float = field(default=0.0, metadata=_range(0.0, 0.99))   # 0.5: full lr for half the run, then decay
     lr_schedule: str = field(default="constant", metadata=_choice("constant", "cosine", "linear"))
     lr_floor: float = field(default=0.0, metadata=_range(0.0, 1.0))
     # a step with a non-finite loss or gradient is skipped; this many in a row stop the run

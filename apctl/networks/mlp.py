@@ -3,11 +3,14 @@
     D_θ(x, t, s, y) = c_skip(t)·x + c_out(t)·F_θ(g·c_in(t)·x, c_noise(t), c_noise(s), y)
 
 F_θ is an MLP over [g·c_in·x, emb(t), emb(s), W_y·y] with SiLU activations, where emb is a sinusoidal
-embedding of c_noise = ¼·ln σ and g is a fixed input gain (`input_gain`, default 1). A gain g is the
-same as first-layer weights on x initialised g× larger and, under Adam, moved g× faster: the units
-start as sharp ramps of x rather than gentle ones, which is what a map with sharp region boundaries
-(a few-step jump onto separated modes) needs (docs/benchmarks.md, "The default preset"). The last layer starts at zero, so at initialisation D_θ = c_skip·x:
-the denoiser of N(0, σ_d²·I), a sensible prior for data scaled to std ≈ σ_d.
+embedding of c_noise = ¼·ln σ and g is a fixed input gain (`input_gain`, default 1). The last layer
+starts at zero, so at initialisation D_θ = c_skip·x: the denoiser of N(0, σ_d²·I), a sensible prior
+for data scaled to std ≈ σ_d.
+
+A gain g is the same as first-layer weights on x initialised g× larger and, under Adam, moved g×
+faster: the units start as sharp ramps of x rather than gentle ones next to the 2·embed_dim time
+features, which is what a map with sharp region boundaries (a few-step jump onto separated modes)
+needs (docs/benchmarks.md, "The input gain and the held rate").
 """
 
 from __future__ import annotations

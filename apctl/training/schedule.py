@@ -29,7 +29,7 @@ from apctl.config import TrainingConfig
 def learning_rate(tc: TrainingConfig, step: int) -> float:
     """lr(step) by the closed form of the module docstring."""
     warm = min(1.0, (step + 1) / tc.lr_warmup) if tc.lr_warmup else 1.0
-    start = tc.lr_warmup + tc.lr_hold * (tc.iterations - tc.lr_warmup)
+    start = decay_start(tc)
     progress = min(1.0, max(0.0, (step - start) / max(tc.iterations - start, 1)))
     if tc.lr_schedule == "linear":
         decay = tc.lr_floor + (1 - tc.lr_floor) * (1 - progress)
@@ -38,6 +38,11 @@ def learning_rate(tc: TrainingConfig, step: int) -> float:
     else:
         decay = 1.0
     return tc.lr * warm * decay
+
+
+def decay_start(tc: TrainingConfig) -> float:
+    """D = W + h·(T − W): the step at which the decay begins (the end of the warm-up when h = 0)."""
+    return tc.lr_warmup + tc.lr_hold * (tc.iterations - tc.lr_warmup)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
