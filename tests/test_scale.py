@@ -290,7 +290,7 @@ def test_run_applies_and_checkpoints_the_scheduled_rate(tmp_path):
     from apctl.training.schedule import learning_rate
 
     run = _run(tmp_path, "lr", "training.lr_warmup=2", 'training.lr_schedule="cosine"', "training.lr_floor=0.1",
-               "training.log_every=1")
+               "training.lr_hold=0", "training.log_every=1")                # no hold: toy2d's own would hold step 2
     tc = run.cfg.training
     assert [h["lr"] for h in run.history] == [learning_rate(tc, k) for k in range(4)]
     assert run.history[0]["lr"] < run.history[1]["lr"] > run.history[3]["lr"]       # up, then down
