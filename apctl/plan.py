@@ -334,9 +334,9 @@ def describe_plan(cfg: Config, preset_path: Path, out: Path) -> list[tuple[str, 
 
 
 def _lr_schedule(tr) -> str:
-    warm = f", warm-up {tr.lr_warmup:,} steps" if tr.lr_warmup else ""
     from apctl.training.schedule import decay_start
 
+    warm = f", warm-up {tr.lr_warmup:,} steps" if tr.lr_warmup else ""
     hold = f" from step {decay_start(tr):,.0f}" if tr.lr_hold else ""
     decay = f", {tr.lr_schedule} decay{hold} to {tr.lr_floor:g}·lr" if tr.lr_schedule != "constant" else ""
     return warm + decay

@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,10 +153,12 @@ def run_fields(name: str) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    def pm(values):
-        return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if values else "—"
-
+    """Per NFE: the table of seed means (FID against real digits / teacher samples) for each objective's
+    pair, then when Analytic-Precond reaches the baseline's final seed-mean FID against real digits."""
     results = [{**r, **run_fields(r["run"])} for r in results]   # cached rows from before the CD pair lack "objective"
+    seeds = defaultdict(list)                                      # (nfe, objective, kind, step) → one row per seed
+    for r in results:
+        seeds[r["nfe"], r["objective"], r["kind"], r["step"]].append(r)
     lines = []
     for nfe in sorted({r["nfe"] for r in results}):
         steps = sorted({r["step"] for r in results if r["nfe"] == nfe})
@@ -164,24 +167,31 @@ def markdown(results: list[dict]) -> str:
                   "|---|---|" + "---|" * len(steps)]
         reach = []
         for objective in sorted({r["objective"] for r in results if r["nfe"] == nfe}, reverse=True):
-            mean_real = {}
+            curves = {}                                            # kind → seed-mean FID vs real digits per step
             for kind in (BASELINE[objective], "analytic"):
-                cells = []
-                for s in steps:
-                    rs = [r for r in results if (r["nfe"], r["objective"], r["kind"], r["step"]) == (nfe, objective, kind, s)]
-                    cells.append(f"{pm([r['fid_real'] for r in rs])} / {pm([r['fid_teacher'] for r in rs])} ({len(rs)} seeds)")
-                    if rs:
-                        mean_real.setdefault(kind, []).append(statistics.mean(r["fid_real"] for r in rs))
-                lines.append(f"| {objective.upper()} | {LABEL[kind]} | " + " | ".join(cells) + " |")
-            if all(len(mean_real.get(k, [])) == len(steps) for k in (BASELINE[objective], "analytic")):
-                s = speedup(steps, mean_real[BASELINE[objective]], mean_real["analytic"])
-                reached = "never" if s["candidate_steps"] is None else f"at step {s['candidate_steps']}"
-                reach.append(f"{objective.upper()}, the final FID of {LABEL[BASELINE[objective]]} against real digits "
-                             f"({s['target']:.2f}, step {s['baseline_steps']}): reached by Analytic-Precond {reached}, "
-                             f"{format_ratio(s['ratio'])}")
+                points = [seeds[nfe, objective, kind, s] for s in steps]
+                lines.append(f"| {objective.upper()} | {LABEL[kind]} | " + " | ".join(map(_cell, points)) + " |")
+                if all(points):
+                    curves[kind] = [statistics.mean(r["fid_real"] for r in rs) for rs in points]
+            if len(curves) == 2:
+                reach.append(_reached(objective, steps, curves))
         lines += ["", *reach, ""]
     return "\n".join(lines)
 
+
+def _cell(rows: list[dict]) -> str:
+    def pm(values):
+        return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if values else "—"
+
+    return f"{pm([r['fid_real'] for r in rows])} / {pm([r['fid_teacher'] for r in rows])} ({len(rows)} seeds)"
+
+
+def _reached(objective: str, steps: list[int], curves: dict[str, list[float]]) -> str:
+    baseline = BASELINE[objective]
+    s = speedup(steps, curves[baseline], curves["analytic"])
+    reached = "never" if s["candidate_steps"] is None else f"at step {s['candidate_steps']}"
+    return (f"{objective.upper()}, the final FID of {LABEL[baseline]} against real digits ({s['target']:.2f}, "
+            f"step {s['baseline_steps']}): reached by Analytic-Precond {reached}, {format_ratio(s['ratio'])}")
 
 if __name__ == "__main__":
     main()

@@ -13,14 +13,16 @@ result is scored on the run's own probe (`eval.seed`, 8,192 noises, the 256-step
 `bench/toy2d_default.py` scores a distilled student. Whatever this regression cannot reach, CTM with
 the same network and budget cannot either: its targets are worse than x*.
 
-`--input-gain G` sets the MLP's fixed gain on its input c_in·x (`student.input_gain`, networks/mlp.py).
+`--input-gain G` sets the MLP's fixed gain on its input c_in·x (`student.input_gain`, networks/mlp.py);
+with Fourier features the gain scales them too (they are part of the network's input), so the Fourier
+rows of docs/benchmarks.md are reproduced with `--input-gain 1`.
 `--fourier F --fourier-scale S` appends random Fourier features of the network input
 (Tancik et al. 2020; φ(u) = [cos 2πBu, sin 2πBu], B ~ N(0, S²)), a sharper embedding of x that apctl's
 MLP does not have: tried here because the student's excess off-mode samples are bridges between
 neighbouring modes (the map's region boundaries drawn too smoothly), not noise.
 
     OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py                                  # the preset as is
-    OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --fourier 128 --fourier-scale 5 --iterations 8400
+    OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --fourier 128 --fourier-scale 5 --iterations 8400 --input-gain 1
     OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --input-gain 1                 # the MLP before the gain
 """
 

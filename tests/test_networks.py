@@ -542,7 +542,7 @@ def test_mlp_input_gain_is_a_scaled_first_layer():
     """D_θ with input gain g equals D_θ with gain 1 whose first-layer weights on x are g× larger (the
     contract in networks/mlp.py), at every (t, s); and at initialisation either is c_skip(t)·x."""
     from apctl.networks.mlp import TwoTimeMLP
-    from apctl.schedules import c_skip
+    from apctl.schedules import SIGMA_DATA, c_skip
 
     torch.manual_seed(0)
     gained = TwoTimeMLP((2,), hidden=16, depth=3, embed_dim=8, input_gain=30.0)
@@ -552,7 +552,7 @@ def test_mlp_input_gain_is_a_scaled_first_layer():
     t = torch.tensor([0.002, 0.1, 0.5, 2.0, 20.0, 80.0])
     s = t * torch.rand(6, generator=g)
     with torch.no_grad():
-        assert torch.allclose(gained(x, t, s), c_skip(t[:, None], 0.5) * x, rtol=0, atol=0)
+        assert torch.allclose(gained(x, t, s), c_skip(t[:, None], SIGMA_DATA) * x, rtol=0, atol=0)
         for p in gained.parameters():
             p.normal_(0, 0.3)
         plain.load_state_dict(gained.state_dict())

@@ -4,6 +4,7 @@ lr and memory, and a last line that describes the final model."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 
@@ -25,8 +26,6 @@ def test_a_run_under_a_log_file_is_followable(tmp_path, cli):
     assert [r["step"] for r in rows if "align_nfe2" in r] == [0, 15, 20]
     trained = [r for r in rows if "loss" in r]
     assert all({"time", "lr", "peak_memory_mb", "grad_norm"} <= r.keys() for r in trained)
-    import math
-
     from apctl.presets import load_config
 
     tc = load_config("toy2d")[0].training                # lr held over the first 10 of 20 steps, then linear to 0

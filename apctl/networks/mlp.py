@@ -64,7 +64,8 @@ class TwoTimeMLP(nn.Module):
         flat = x.reshape(x.shape[0], -1).float()
         t = t.float().reshape(-1, 1)
         s = s.float().reshape(-1)
-        features = [self.input_gain * c_in(t, self.sigma_data) * flat, self.embed(c_noise(t.reshape(-1))), self.embed(c_noise(s))]
+        features = [self.input_gain * c_in(t, self.sigma_data) * flat,
+                    self.embed(c_noise(t.reshape(-1))), self.embed(c_noise(s))]
         if self.label_embed is not None:
             features.append(self.label_embed(labels.float()))
         F = self.head(self.body(torch.cat(features, dim=1)))
