@@ -100,6 +100,7 @@ class StudentConfig:
     depth: int = field(default=4, metadata=_range(1, MAX_DEPTH))
     embed_dim: int = field(default=64, metadata=_range(2, MAX_WIDTH))
     input_gain: float = field(default=1.0, metadata=_range(1e-3, 1e4))   # mlp: fixed gain on c_in·x (networks/mlp.py)
+    activation: str = field(default="silu", metadata=_choice("silu", "relu"))   # mlp: the hidden units' nonlinearity
     network: str = "tiny-songunet-16"
     init_from_teacher: bool = True
     dropout: float = field(default=-1.0, metadata=_range(-1.0, 1.0))   # < 0: the architecture's own rate

@@ -23,6 +23,9 @@ from torch import nn
 from apctl.schedules import SIGMA_DATA, c_in, c_noise, c_out, c_skip
 
 
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
+
+
 class SinusoidalEmbedding(nn.Module):
     """[B] → [B, dim]: cos and sin of the input at geometrically spaced frequencies 1 … 1000."""
 
@@ -38,8 +41,10 @@ class SinusoidalEmbedding(nn.Module):
 
 class TwoTimeMLP(nn.Module):
     def __init__(self, shape: tuple[int, ...], label_dim: int = 0, hidden: int = 256, depth: int = 4,
-                 embed_dim: int = 64, sigma_data: float = SIGMA_DATA, input_gain: float = 1.0):
+                 embed_dim: int = 64, sigma_data: float = SIGMA_DATA, input_gain: float = 1.0,
+                 activation: str = "silu"):
         super().__init__()
+        self.activation = activation
         self.input_gain = input_gain
         self.shape = tuple(shape)
         self.dim = math.prod(self.shape)
@@ -50,7 +55,7 @@ class TwoTimeMLP(nn.Module):
         self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(width_in if i == 0 else hidden, hidden), nn.SiLU()]
+            layers += [nn.Linear(width_in if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, self.dim)
         nn.init.zeros_(self.head.weight)

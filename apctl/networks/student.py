@@ -22,7 +22,8 @@ def student_architecture(cfg: StudentConfig, shape: tuple[int, ...], label_dim: 
     without the teacher file), else the preset network resized to the data."""
     if cfg.kind == "mlp":
         return {"kind": "mlp", "shape": list(shape), "label_dim": label_dim, "hidden": cfg.hidden,
-                "depth": cfg.depth, "embed_dim": cfg.embed_dim, "input_gain": cfg.input_gain}
+                "depth": cfg.depth, "embed_dim": cfg.embed_dim, "input_gain": cfg.input_gain,
+                "activation": cfg.activation}
     if cfg.kind == "denoiser":
         return {"kind": "denoiser", "init_kwargs": _preset_resized(cfg.network, shape, label_dim)}
     if cfg.init_from_teacher and teacher_network is not None:
@@ -52,7 +53,8 @@ def build_student(arch: dict[str, Any], teacher_network: nn.Module | None = None
     (so D_θ(x, t, s) = D_teacher(x, t) at the start), else freshly initialised."""
     if arch["kind"] == "mlp":
         return TwoTimeMLP(tuple(arch["shape"]), arch["label_dim"], arch["hidden"], arch["depth"], arch["embed_dim"],
-                          input_gain=arch.get("input_gain", 1.0))   # absent in checkpoints before it existed
+                          input_gain=arch.get("input_gain", 1.0),      # both absent in checkpoints
+                          activation=arch.get("activation", "silu"))   # saved before the keys existed
     if arch["kind"] == "denoiser":
         from apctl.networks.registry import build_network
 
