@@ -161,13 +161,11 @@ class CTMObjective(_GridObjective):
     def sample_indices(self, batch: int, gen: torch.Generator, shared_gen: torch.Generator):
         return ctm_indices(len(self.grid), self.max_teacher_steps, batch, self.teacher_steps_law, gen, shared_gen)
 
-    def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator,
-                 shared_gen: torch.Generator):
-        B, device = x0.shape[0], x0.device
+    def consistency(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, draws, shared_gen) -> torch.Tensor:
+        """mean d(G_{θ⁻}(G_θ(x_t, t, s), s, σ_min), G_{θ⁻}(G_θ̄(x̂_u, u, s), s, σ_min)) (module docstring)."""
         shape = (-1,) + (1,) * (x0.dim() - 1)
-        draws = as_draws(gen, B)
-        i, k, j, k_max = (v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                          for v in self.sample_indices(B, draws, shared_gen))
+        i, k, j, k_max = (v.to(x0.device, non_blocking=True) if torch.is_tensor(v) else v
+                          for v in self.sample_indices(x0.shape[0], draws, shared_gen))
         eps = draws.randn(x0.shape[1:]).to(x0)
         x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
         x_u = self.teacher_steps(x_t, i, k if self.teacher_steps_law == "uniform" else None, k_max, labels)
@@ -177,18 +175,26 @@ class CTMObjective(_GridObjective):
         with torch.no_grad():
             inner_net = _unwrap(student) if self.target_inner == "student" else target
             goal = self.to_sigma_min(target, jump_on_grid(self.table, inner_net, x_u, i + k, j, labels), j, labels)
-        consistency = self.distance(estimate, goal).mean()
+        return self.distance(estimate, goal).mean()
 
-        sigma = dsm_sigmas(B, self.dsm_sigma_law, self.dsm_uniform_fraction, draws).to(device=device, dtype=torch.float32)
+    def dsm(self, student: nn.Module, x0: torch.Tensor, labels, draws) -> torch.Tensor:
+        """mean w(σ)·mean_i (D_θ(x_0 + σ·ε', σ, σ) − x_0)², EDM's weight w(σ) = (σ² + σ_d²)/(σ·σ_d)²."""
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        sigma = dsm_sigmas(x0.shape[0], self.dsm_sigma_law, self.dsm_uniform_fraction, draws).to(device=x0.device, dtype=torch.float32)
         noise = draws.randn(x0.shape[1:]).to(x0)
         denoised = student(x0 + sigma.to(x0.dtype).view(shape) * noise, sigma, sigma, labels)
         w = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        dsm = (w * (denoised - x0).float().pow(2).flatten(1).mean(1)).mean()
+        return (w * (denoised - x0).float().pow(2).flatten(1).mean(1)).mean()
 
+    def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator,
+                 shared_gen: torch.Generator):
+        draws = as_draws(gen, x0.shape[0])   # the consistency term draws first, then the DSM term
+        consistency = self.consistency(student, target, x0, labels, draws, shared_gen)
+        dsm = self.dsm(student, x0, labels, draws)
         if self.dsm_weighting == "adaptive":
             lam = adaptive_weight(consistency, dsm, _unwrap(student).output_weight())
         else:
-            lam = torch.tensor(self.dsm_weight, device=device)
+            lam = torch.tensor(self.dsm_weight, device=x0.device)
         loss = consistency + lam * dsm
         return loss, {"loss": loss.detach(), "ctm": consistency.detach(), "dsm": dsm.detach(), "dsm_weight": lam}
 
