@@ -572,3 +572,38 @@ def test_mlp_architecture_records_the_gain_and_old_checkpoints_rebuild_with_gain
     assert arch["input_gain"] == 7.5 and build_student(arch).input_gain == 7.5
     del arch["input_gain"]
     assert build_student(arch).input_gain == 1.0
+
+
+def test_mlp_relu_activation_is_the_stated_formula():
+    """student.activation = "relu": F_θ = head(relu(W_d … relu(W_1·[g·c_in·x, emb(t), emb(s)] + b_1) … + b_d)),
+    written out by hand from the module's weights, and D_θ = c_skip·x + c_out·F_θ."""
+    from apctl.networks.mlp import TwoTimeMLP
+    from apctl.schedules import SIGMA_DATA, c_in, c_noise, c_out, c_skip
+
+    torch.manual_seed(0)
+    net = TwoTimeMLP((2,), hidden=16, depth=3, embed_dim=8, input_gain=5.0, activation="relu")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2, generator=g)
+    t = torch.tensor([0.002, 0.1, 0.5, 2.0, 20.0, 80.0])
+    s = t * torch.rand(6, generator=g)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+        h = torch.cat([5.0 * c_in(t[:, None], SIGMA_DATA) * x, net.embed(c_noise(t)), net.embed(c_noise(s))], dim=1)
+        for layer in net.body[0::2]:
+            h = torch.clamp(h @ layer.weight.T + layer.bias, min=0.0)
+        expected = c_skip(t[:, None], SIGMA_DATA) * x + c_out(t[:, None], SIGMA_DATA) * (h @ net.head.weight.T + net.head.bias)
+        assert torch.allclose(net(x, t, s), expected, rtol=1e-5, atol=1e-6)
+        silu = TwoTimeMLP((2,), hidden=16, depth=3, embed_dim=8, input_gain=5.0)
+        silu.load_state_dict(net.state_dict())                     # the same weights under SiLU differ
+        assert (silu(x, t, s) - net(x, t, s)).abs().amax() > 1e-2
+
+
+def test_mlp_architecture_records_the_activation_and_old_checkpoints_rebuild_with_silu():
+    from apctl.config import StudentConfig
+    from apctl.networks.student import build_student, student_architecture
+
+    arch = student_architecture(StudentConfig(kind="mlp", hidden=8, depth=2, embed_dim=4, activation="relu"), (2,), 0)
+    assert arch["activation"] == "relu" and isinstance(build_student(arch).body[1], torch.nn.ReLU)
+    del arch["activation"]
+    assert isinstance(build_student(arch).body[1], torch.nn.SiLU)

@@ -2,7 +2,7 @@
 
     D_θ(x, t, s, y) = c_skip(t)·x + c_out(t)·F_θ(g·c_in(t)·x, c_noise(t), c_noise(s), y)
 
-F_θ is an MLP over [g·c_in·x, emb(t), emb(s), W_y·y] with SiLU activations, where emb is a sinusoidal
+F_θ is an MLP over [g·c_in·x, emb(t), emb(s), W_y·y] with SiLU (or ReLU, `activation`) units, where emb is a sinusoidal
 embedding of c_noise = ¼·ln σ and g is a fixed input gain (`input_gain`, default 1). The last layer
 starts at zero, so at initialisation D_θ = c_skip·x: the denoiser of N(0, σ_d²·I), a sensible prior
 for data scaled to std ≈ σ_d.
