@@ -159,3 +159,37 @@ def test_acceleration_fid_table_and_iterations_to_reach():
     assert "CD, the final FID of CM's coefficients against real digits (6.00, step 200): reached by Analytic-Precond at step 100, 2.00×" in text
     assert "CTM, the final FID of CTM's coefficients against real digits (5.00, step 200): reached by Analytic-Precond never" in text
     assert fid.run_fields("cd-analytic-seed12") == {"run": "cd-analytic-seed12", "objective": "cd", "kind": "analytic", "seed": 12}
+
+
+def test_toy2d_exact_goal_chain_is_the_gaussian_flow():
+    """bench/toy2d_exact_goal.py's goal Φ(x; σ_a → σ_b), for a teacher that is one Gaussian N(μ, v·I), against
+    the ODE's closed form x_b = μ + (x − μ)·√((σ_b² + v)/(σ_a² + v)), per row from its own level to its own
+    level (a row with a = b keeps its value)."""
+    import torch
+
+    from apctl.schedules import karras_sigmas
+
+    exact_goal = load("toy2d_exact_goal").exact_goal
+    mu, v = torch.tensor([0.3, -0.2], dtype=torch.float64), 0.08 ** 2
+    denoise = lambda x, sigma, _: mu + (v / (sigma[:, None] ** 2 + v)) * (x - mu)   # noqa: E731 (E[x_0 | x_σ])
+    fine = torch.as_tensor(karras_sigmas(4 * 25 + 1))
+    start, stop = torch.tensor([0, 0, 8, 40, 60, 100]), torch.tensor([100, 40, 72, 41, 60, 100])
+    x = fine[start][:, None] * torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + mu
+    expected = mu + (x - mu) * ((fine[stop] ** 2 + v) / (fine[start] ** 2 + v)).sqrt()[:, None]
+    got = exact_goal(denoise, x, fine, start, stop)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-3)           # the rows move by 0.4 to 160
+    assert torch.equal(got[4:], x[4:])
+
+
+def test_toy2d_exact_goal_runs_the_preset_with_the_swapped_goal():
+    """bench/toy2d_exact_goal.py end to end at 3 iterations: one JSON row scored on the probe."""
+    import json
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
+    out = subprocess.run([sys.executable, str(BENCH / "toy2d_exact_goal.py"), "--n", "256", "--set", "training.iterations=3",
+                          "--set", "precond.statistics.n_samples=256", "--set", "eval.n_samples=64"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["objective"] == "ctm, exact goal" and row["step"] == 3 and row["sub"] == 4
+    assert row["rms2"] > 0.1 and 0 < row["beyond_exact"] < 0.05
