@@ -1,6 +1,6 @@
 """The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
-bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and a short
-run of bench/toy2d_ceiling.py."""
+bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and short
+runs of bench/toy2d_ceiling.py and bench/toy2d_exact_goal.py (whose goal chain is checked against a closed form)."""
 
 from __future__ import annotations
 
