@@ -2,9 +2,9 @@
 
     D_θ(x, t, s, y) = c_skip(t)·x + c_out(t)·F_θ(g·c_in(t)·x, c_noise(t), c_noise(s), y)
 
-F_θ is an MLP over [g·c_in·x, emb(t), emb(s), W_y·y] with SiLU (or ReLU, `activation`) units, where emb is a sinusoidal
-embedding of c_noise = ¼·ln σ and g is a fixed input gain (`input_gain`, default 1). The last layer
-starts at zero, so at initialisation D_θ = c_skip·x: the denoiser of N(0, σ_d²·I), a sensible prior
+F_θ is an MLP over [g·c_in·x, emb(t), emb(s), W_y·y] with SiLU units (ReLU with `activation`), where
+emb is a sinusoidal embedding of c_noise = ¼·ln σ and g is a fixed input gain (`input_gain`, default
+1). The last layer starts at zero, so at initialisation D_θ = c_skip·x: the denoiser of N(0, σ_d²·I), a sensible prior
 for data scaled to std ≈ σ_d.
 
 A gain g is the same as first-layer weights on x initialised g× larger and, under Adam, moved g×
@@ -44,7 +44,6 @@ class TwoTimeMLP(nn.Module):
                  embed_dim: int = 64, sigma_data: float = SIGMA_DATA, input_gain: float = 1.0,
                  activation: str = "silu"):
         super().__init__()
-        self.activation = activation
         self.input_gain = input_gain
         self.shape = tuple(shape)
         self.dim = math.prod(self.shape)
