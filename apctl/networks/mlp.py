@@ -4,8 +4,8 @@
 
 F_θ is an MLP over [g·c_in·x, emb(t), emb(s), W_y·y] with SiLU units (ReLU with `activation`), where
 emb is a sinusoidal embedding of c_noise = ¼·ln σ and g is a fixed input gain (`input_gain`, default
-1). The last layer starts at zero, so at initialisation D_θ = c_skip·x: the denoiser of N(0, σ_d²·I), a sensible prior
-for data scaled to std ≈ σ_d.
+1). The last layer starts at zero, so at initialisation D_θ = c_skip·x: the denoiser of N(0, σ_d²·I),
+a sensible prior for data scaled to std ≈ σ_d.
 
 A gain g is the same as first-layer weights on x initialised g× larger and, under Adam, moved g×
 faster: the units start as sharp ramps of x rather than gentle ones next to the 2·embed_dim time
