@@ -58,6 +58,20 @@ def euler_step(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, u: torch.Ten
     return x + (u - t).view(shape) * (x - denoise(x, t, labels)) / t.view(shape)
 
 
+def heun_chain(denoise: Denoiser, x: torch.Tensor, sigma: torch.Tensor, start: torch.Tensor, k_max: int,
+               steps: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, `steps[b]` Heun steps along the decreasing levels `sigma` from index `start[b]` (device
+    tensors; indices past the last level stay on it); `k_max` = max(steps) is a host integer. Rows that
+    are done keep their value (a mask, no gather); `steps = None`: every row takes k_max steps, no mask."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    last = len(sigma) - 1
+    for m in range(k_max):
+        a, b = torch.clamp(start + m, max=last), torch.clamp(start + m + 1, max=last)
+        stepped = heun_step(denoise, x, sigma[a].to(x.dtype), sigma[b].to(x.dtype), labels)
+        x = stepped if steps is None else torch.where((steps > m).view(shape), stepped, x)
+    return x
+
+
 def heun_solve(denoise: Denoiser, x: torch.Tensor, sigmas: Sequence[float],
                labels: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Integrate the PF-ODE through the decreasing noise levels `sigmas` with Heun steps; a step to

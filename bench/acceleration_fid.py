@@ -193,5 +193,6 @@ def _reached(objective: str, steps: list[int], curves: dict[str, list[float]]) -
     return (f"{objective.upper()}, the final FID of {LABEL[baseline]} against real digits ({s['target']:.2f}, "
             f"step {s['baseline_steps']}): reached by Analytic-Precond {reached}, {format_ratio(s['ratio'])}")
 
+
 if __name__ == "__main__":
     main()

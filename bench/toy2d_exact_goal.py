@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -40,38 +39,34 @@ BENCH = Path(__file__).resolve().parent
 
 
 @torch.no_grad()
-def exact_goal(denoise, x: torch.Tensor, fine: torch.Tensor, start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
-    """Φ(x; fine[start] → fine[stop]) per row: Heun steps along `fine` (decreasing σ), rows that have
-    arrived keep their value. `start`, `stop` are per-row level indices with start ≤ stop."""
-    from apctl.sampling import heun_step
+def exact_goal(denoise, x: torch.Tensor, fine: torch.Tensor, start: torch.Tensor, stop: torch.Tensor,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Φ(x; fine[start] → fine[stop]) per row: Heun steps along `fine` (decreasing σ; apctl's `heun_chain`),
+    rows that have arrived keep their value. `start`, `stop` are per-row level indices with start ≤ stop."""
+    from apctl.sampling import heun_chain
 
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    last = len(fine) - 1
-    for m in range(int((stop - start).max())):
-        a, b = torch.clamp(start + m, max=last), torch.clamp(start + m + 1, max=last)
-        stepped = heun_step(denoise, x, fine[a].to(x.dtype), fine[b].to(x.dtype))
-        x = torch.where((start + m < stop).view(shape), stepped, x)
-    return x
+    steps = stop - start
+    return heun_chain(denoise, x, fine, start, int(steps.max()), steps, labels)
 
 
-def exact_goal_objective(sub: int):
-    """The CTM objective class with its consistency term regressing onto Φ (module docstring)."""
+def with_exact_goal(objective, sub: int):
+    """`objective` (the run's CTMObjective) with its consistency term regressing onto Φ along a grid `sub`
+    times finer than the run's (module docstring); everything else, the draws included, is CTM's."""
     from apctl.objectives.consistency import CTMObjective
     from apctl.preconditioning.table import jump_on_grid
     from apctl.schedules import karras_sigmas
 
     class ExactGoalCTM(CTMObjective):
         def consistency(self, student, target, x0, labels, draws, shared_gen):
-            shape = (-1,) + (1,) * (x0.dim() - 1)
-            i, _, j, _ = (v.to(x0.device) if torch.is_tensor(v) else v          # CTM's (i, k, j) law
-                          for v in self.sample_indices(x0.shape[0], draws, shared_gen))
-            eps = draws.randn(x0.shape[1:]).to(x0)
-            x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
-            fine = torch.as_tensor(karras_sigmas(sub * (len(self.grid) - 1) + 1), device=x0.device)
-            goal = exact_goal(lambda x, sigma, _: self._teacher(x, sigma, labels), x_t, fine, sub * i, sub * j)
+            x_t, i, _, j, _ = self.draw_start(x0, draws, shared_gen)          # CTM's (i, k, j) law and x_t
+            goal = exact_goal(self._teacher, x_t, fine.to(x0.device), sub * i, sub * j, labels)
             return self.distance(jump_on_grid(self.table, student, x_t, i, j, labels), goal).mean()
 
-    return ExactGoalCTM
+    if type(objective) is not CTMObjective:
+        raise SystemExit(f"toy2d_exact_goal: the preset's objective is {type(objective).__name__}, not CTM's")
+    fine = torch.as_tensor(karras_sigmas(sub * (len(objective.grid) - 1) + 1))   # its every sub-th level is the run's
+    objective.__class__ = ExactGoalCTM
+    return objective
 
 
 def distill(preset: str, seed: int, overrides: list[str], out: Path, sub: int) -> float:
@@ -82,11 +77,7 @@ def distill(preset: str, seed: int, overrides: list[str], out: Path, sub: int) -
     build = objectives.build_objective
 
     def build_exact(cfg, teacher, precond):
-        objective = build(cfg, teacher, precond)
-        if cfg.kind != "ctm":
-            raise SystemExit(f"toy2d_exact_goal: the preset's objective is {cfg.kind!r}, not ctm")
-        objective.__class__ = exact_goal_objective(sub)
-        return objective
+        return with_exact_goal(build(cfg, teacher, precond), sub)
 
     objectives.build_objective = build_exact      # what apctl/training/run.py imports when the run starts
     sets = [arg for o in [f"run.seed={seed}", "run.threads=1", *overrides] for arg in ("--set", o)]
@@ -106,7 +97,6 @@ def main() -> None:
     parser.add_argument("--sub", type=int, default=4, help="levels of the goal's grid per level of the run's")
     parser.add_argument("--n", type=int, default=8192, help="probe noises")
     args = parser.parse_args()
-    os.environ["OMP_NUM_THREADS"] = "1"
     sys.path.insert(0, str(BENCH))
     from toy2d_default import evaluate
 

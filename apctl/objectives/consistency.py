@@ -41,7 +41,7 @@ from apctl.draws import as_draws
 from apctl.errors import ApctlError
 from apctl.objectives.distances import build_distance
 from apctl.preconditioning.table import CoefficientTable, jump_on_grid
-from apctl.sampling import heun_step
+from apctl.sampling import heun_chain
 from apctl.schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 
 P_MEAN, P_STD = -1.2, 1.2
@@ -124,18 +124,9 @@ class _GridObjective:
 
     @torch.no_grad()
     def teacher_steps(self, x: torch.Tensor, start: torch.Tensor, steps: torch.Tensor | None, k_max: int, labels) -> torch.Tensor:
-        """Per sample, `steps[b]` Heun steps along the grid from index `start[b]` (device tensors);
-        `k_max` = max(steps) is a host integer. Rows that are done keep their value (a mask, no gather);
-        `steps = None` means every row takes k_max steps (CTM's law), and no mask is needed."""
-        for m in range(k_max):
-            a = torch.clamp(start + m, max=self.last)
-            b = torch.clamp(start + m + 1, max=self.last)
-            stepped = heun_step(self._teacher, x, self.table.sigma[a].to(x.dtype), self.table.sigma[b].to(x.dtype), labels)
-            if steps is None:
-                x = stepped
-            else:
-                x = torch.where((steps > m).view((-1,) + (1,) * (x.dim() - 1)), stepped, x)
-        return x
+        """Per sample, `steps[b]` Heun steps along the grid from index `start[b]` (`heun_chain`; `steps = None`
+        means every row takes k_max steps, CTM's law)."""
+        return heun_chain(self._teacher, x, self.table.sigma, start, k_max, steps, labels)
 
     def to_sigma_min(self, net, x, s_index, labels):
         """G(x, t_{s_index}, σ_min) for every row (the identity where s_index is already σ_min)."""
@@ -161,13 +152,16 @@ class CTMObjective(_GridObjective):
     def sample_indices(self, batch: int, gen: torch.Generator, shared_gen: torch.Generator):
         return ctm_indices(len(self.grid), self.max_teacher_steps, batch, self.teacher_steps_law, gen, shared_gen)
 
-    def consistency(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, draws, shared_gen) -> torch.Tensor:
-        """mean d(G_{θ⁻}(G_θ(x_t, t, s), s, σ_min), G_{θ⁻}(G_θ̄(x̂_u, u, s), s, σ_min)) (module docstring)."""
-        shape = (-1,) + (1,) * (x0.dim() - 1)
+    def draw_start(self, x0: torch.Tensor, draws, shared_gen):
+        """(x_t, i, k, j, k_max): the indices (i, k, j) on x0's device, then x_t = x_0 + t_i·ε."""
         i, k, j, k_max = (v.to(x0.device, non_blocking=True) if torch.is_tensor(v) else v
                           for v in self.sample_indices(x0.shape[0], draws, shared_gen))
         eps = draws.randn(x0.shape[1:]).to(x0)
-        x_t = x0 + self.table.sigma[i].to(x0.dtype).view(shape) * eps
+        return x0 + self.table.sigma[i].to(x0.dtype).view((-1,) + (1,) * (x0.dim() - 1)) * eps, i, k, j, k_max
+
+    def consistency(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, draws, shared_gen) -> torch.Tensor:
+        """mean d(G_{θ⁻}(G_θ(x_t, t, s), s, σ_min), G_{θ⁻}(G_θ̄(x̂_u, u, s), s, σ_min)) (module docstring)."""
+        x_t, i, k, j, k_max = self.draw_start(x0, draws, shared_gen)
         x_u = self.teacher_steps(x_t, i, k if self.teacher_steps_law == "uniform" else None, k_max, labels)
 
         inner = jump_on_grid(self.table, student, x_t, i, j, labels)
