@@ -43,6 +43,28 @@ def distill(preset: str, seed: int, overrides: list[str], out: Path) -> tuple[fl
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def distill_in_process(preset: str, seed: int, overrides: list[str], out: Path) -> float:
+    """`apctl distill` in this process, so that a builder a bench script has patched applies; its CPU
+    seconds. The settings are `distill`'s above: the seed, one thread, then `overrides`."""
+    from apctl.cli.main import app
+
+    sets = [arg for o in [f"run.seed={seed}", "run.threads=1", *overrides] for arg in ("--set", o)]
+    started = time.process_time()
+    app(["distill", "--preset", preset, "--out", str(out), *sets], standalone_mode=False)
+    return time.process_time() - started
+
+
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every toy2d bench run takes: --preset, --seeds, --set KEY=VALUE, --n probe noises."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="toy2d")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--n", type=int, default=8192,
+                        help="probe noises (8,192: a 1.3%% fraction then has a standard error of 0.13%%)")
+    return parser
+
+
 def evaluate(run_dir: Path, n: int | None = None) -> dict:
     """`apctl eval`'s figures for the run's final evaluation-EMA student (NFE 1 and 2), on `n` noises
     (default: the run's eval.n_samples)."""
@@ -66,12 +88,7 @@ def evaluate(run_dir: Path, n: int | None = None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="toy2d")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--n", type=int, default=8192,
-                        help="probe noises (8,192: a 1.3%% fraction then has a standard error of 0.13%%)")
+    parser = run_arguments(__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories under this folder")
     args = parser.parse_args()
     print(f"# {args.preset} {' '.join(args.overrides)}", flush=True)

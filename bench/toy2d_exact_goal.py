@@ -26,12 +26,11 @@ is the preset's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -69,42 +68,29 @@ def with_exact_goal(objective, sub: int):
     return objective
 
 
-def distill(preset: str, seed: int, overrides: list[str], out: Path, sub: int) -> float:
-    """`apctl distill` in this process with the exact-goal objective; returns its CPU seconds."""
+def exact_goal_objective(sub: int):
+    """A context inside which the objective every run builds (`apctl.objectives.build_objective`, which
+    apctl/training/run.py imports when the run starts) is CTM's with the exact goal (`with_exact_goal`)."""
     import apctl.objectives as objectives
-    from apctl.cli.main import app
 
     build = objectives.build_objective
-
-    def build_exact(cfg, teacher, precond):
-        return with_exact_goal(build(cfg, teacher, precond), sub)
-
-    objectives.build_objective = build_exact      # what apctl/training/run.py imports when the run starts
-    sets = [arg for o in [f"run.seed={seed}", "run.threads=1", *overrides] for arg in ("--set", o)]
-    started = time.process_time()
-    try:
-        app(["distill", "--preset", preset, "--out", str(out), *sets], standalone_mode=False)
-    finally:
-        objectives.build_objective = build
-    return time.process_time() - started
+    return mock.patch.object(objectives, "build_objective",
+                             lambda cfg, teacher, precond: with_exact_goal(build(cfg, teacher, precond), sub))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="toy2d")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--sub", type=int, default=4, help="levels of the goal's grid per level of the run's")
-    parser.add_argument("--n", type=int, default=8192, help="probe noises")
-    args = parser.parse_args()
     sys.path.insert(0, str(BENCH))
-    from toy2d_default import evaluate
+    from toy2d_default import distill_in_process, evaluate, run_arguments
 
+    parser = run_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--sub", type=int, default=4, help="levels of the goal's grid per level of the run's")
+    args = parser.parse_args()
     print(f"# {args.preset} exact goal (sub {args.sub}) {' '.join(args.overrides)}", flush=True)
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / f"{args.preset}-seed{seed}"
-            cpu = distill(args.preset, seed, args.overrides, out, args.sub)
+            with exact_goal_objective(args.sub):
+                cpu = distill_in_process(args.preset, seed, args.overrides, out)
             row = {"preset": args.preset, "objective": "ctm, exact goal", "sub": args.sub, "seed": seed,
                    "sets": args.overrides, "cpu_s": round(cpu, 1)} | evaluate(out, args.n)
         print(json.dumps(row), flush=True)

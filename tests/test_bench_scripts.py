@@ -1,6 +1,7 @@
 """The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
 bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and short
-runs of bench/toy2d_ceiling.py and bench/toy2d_exact_goal.py (whose goal chain is checked against a closed form)."""
+runs of bench/toy2d_ceiling.py, bench/toy2d_exact_goal.py (whose goal chain is checked against a closed form),
+bench/toy2d_teacher_start.py and bench/toy2d_teacher_grid.py."""
 
 from __future__ import annotations
 
@@ -143,6 +144,54 @@ def test_toy2d_ceiling_runs_and_scores_on_the_probe():
     assert row["regression"]["alignment_rms"] > 10 * row["targets_vs_reference"]["alignment_rms"]
     assert 0 < row["teacher_ode_beyond_3sigma"]["exact"] < 0.05
 
+
+
+
+def test_toy2d_teacher_start_student_is_the_teacher_at_the_start_and_runs():
+    """bench/toy2d_teacher_start.py: a fresh teacher-plus-correction student is the exact teacher's denoiser
+    for every target time s (its MLP's last layer is zero) and moves away once its MLP does; end to end at
+    3 iterations it gives one JSON row scored on the probe."""
+    import json
+    import os
+
+    import torch
+
+    from apctl.networks.mlp import TwoTimeMLP
+    from apctl.teachers.gaussian_mixture import GaussianMixtureTeacher
+
+    bench = load("toy2d_teacher_start")
+    teacher = GaussianMixtureTeacher([[1.0, -0.2], [-0.4, 0.3]], [0.08, 0.1])
+    net = bench.TeacherPlusCorrection(TwoTimeMLP((2,), hidden=16, depth=2, embed_dim=8, input_gain=100), teacher)
+    x = 3 * torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([80.0, 5.0, 1.0, 0.3, 0.01])
+    for s in (t, torch.full_like(t, 0.002), t / 2):
+        assert torch.allclose(net(x, t, s), teacher(x, t).float(), rtol=0, atol=1e-6)
+    torch.nn.init.normal_(net.mlp.head.weight)
+    assert not torch.allclose(net(x, t, t), teacher(x, t).float(), rtol=0, atol=1e-3)
+    assert net.output_weight() is net.mlp.head.weight
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
+    out = subprocess.run([sys.executable, str(BENCH / "toy2d_teacher_start.py"), "--n", "256", "--set", "training.iterations=3",
+                          "--set", "precond.statistics.n_samples=256", "--set", "eval.n_samples=64"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["student"] == "teacher + correction" and row["step"] == 3
+    assert row["rms2"] > 0.1 and 0 < row["beyond_exact"] < 0.05
+
+def test_toy2d_teacher_grid_rows_converge_to_the_probe_reference():
+    """bench/toy2d_teacher_grid.py: one row per level count, 2(N − 1) evaluations; the chain on the
+    reference's own 257 levels is the reference (RMS 0, the same fraction beyond 3σ), and fewer levels
+    are further from it."""
+    import json
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
+    out = subprocess.run([sys.executable, str(BENCH / "toy2d_teacher_grid.py"), "--levels", "18", "26", "257",
+                          "--n", "512"], env=env, capture_output=True, text=True, check=True).stdout
+    rows = {r["levels"]: r for r in map(json.loads, out.strip().splitlines())}
+    assert sorted(rows) == [18, 26, 257] and rows[18]["nfe"] == 34 and rows[18]["reference_levels"] == 257
+    assert rows[257]["alignment_rms"] == 0 and rows[257]["beyond_3sigma"] == rows[257]["teacher_ode"]
+    assert rows[18]["alignment_rms"] > rows[26]["alignment_rms"] > 0
 
 def test_acceleration_fid_table_and_iterations_to_reach():
     """bench/acceleration_fid.py's summary on synthetic rows: seed means in the table, and the step at which

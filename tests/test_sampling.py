@@ -171,6 +171,27 @@ def test_teacher_sample_converges_to_exact_flow():
     assert out32.dtype == torch.float32 and out32.shape == z.shape
 
 
+
+def test_teacher_sample_walks_its_karras_levels_with_two_evaluations_a_step():
+    """`steps` Heun steps σ_max → σ_min with no final step to 0: 2·steps evaluations, the predictor at
+    each level of the (steps + 1)-level Karras schedule but the last, the corrector at each but the first."""
+    T = GaussianMixtureTeacher(MU[None].numpy(), [C])
+    seen = []
+
+    class Counting:
+        device, dtype = T.device, T.dtype
+
+        def __call__(self, x, sigma, labels=None):
+            seen.append(float(sigma[0]))
+            return T(x, sigma, labels)
+
+    steps = 4
+    teacher_sample(Counting(), torch.randn(3, 3, dtype=F64), steps)
+    levels = karras(steps + 1, SIGMA_MIN, SIGMA_MAX)
+    assert len(seen) == 2 * steps
+    assert seen[0::2] == pytest.approx(levels[:-1], rel=1e-12)
+    assert seen[1::2] == pytest.approx(levels[1:], rel=1e-12)
+
 # --- metrics ----------------------------------------------------------------------------------
 
 def test_rms():
