@@ -162,7 +162,7 @@ def test_metrics_png_is_written_with_each_checkpoint_from_the_whole_log(tiny_run
 
     loss_ax, align_ax = fig.axes
     lines = {line.get_label(): line for line in loss_ax.get_lines()}
-    assert {"total loss", "CTM term", "DSM term"} <= set(lines)
+    assert {"total loss", "CTM term", "DSM term (before λ)"} <= set(lines)
     np.testing.assert_array_equal(lines["total loss"].get_xdata(), [1, 2, 3, 4])
     np.testing.assert_allclose(lines["total loss"].get_ydata(), [r["loss"] for r in rows if "loss" in r])
     align = {line.get_label(): line for line in align_ax.get_lines()}
