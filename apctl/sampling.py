@@ -154,10 +154,10 @@ def student_sample(net, precond, z: torch.Tensor, sigmas: Sequence[float], label
 @torch.no_grad()
 def teacher_sample(teacher, z: torch.Tensor, steps: int, labels: torch.Tensor | None = None,
                    sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, progress=None) -> torch.Tensor:
-    """The teacher's deterministic Heun sampler over a Karras schedule of `steps` steps, σ_max → σ_min
-    (2·steps network evaluations: EDM's final Euler step to σ = 0 is left out so that the result is
-    comparable with a student's landing at σ_min, so every step is a Heun step). Runs on the teacher's device; the result comes
-    back on z's device, in z's dtype."""
+    """The teacher's deterministic Heun sampler over a Karras schedule of `steps` steps, σ_max → σ_min.
+    EDM's final Euler step to σ = 0 is left out, so that the result is comparable with a student's
+    landing at σ_min: every step is a Heun step, 2·steps network evaluations. Runs on the teacher's
+    device; the result comes back on z's device, in z's dtype."""
     sigmas = karras_sigmas(steps + 1, sigma_min, sigma_max)
     x = (z * sigma_max).to(device=teacher.device, dtype=teacher.dtype)
     labels = None if labels is None else labels.to(teacher.device)

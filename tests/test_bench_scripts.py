@@ -145,8 +145,6 @@ def test_toy2d_ceiling_runs_and_scores_on_the_probe():
     assert 0 < row["teacher_ode_beyond_3sigma"]["exact"] < 0.05
 
 
-
-
 def test_toy2d_teacher_start_student_is_the_teacher_at_the_start_and_runs():
     """bench/toy2d_teacher_start.py: a fresh teacher-plus-correction student is the exact teacher's denoiser
     for every target time s (its MLP's last layer is zero) and moves away once its MLP does; end to end at
@@ -178,6 +176,7 @@ def test_toy2d_teacher_start_student_is_the_teacher_at_the_start_and_runs():
     assert row["student"] == "teacher + correction" and row["step"] == 3
     assert row["rms2"] > 0.1 and 0 < row["beyond_exact"] < 0.05
 
+
 def test_toy2d_teacher_grid_rows_converge_to_the_probe_reference():
     """bench/toy2d_teacher_grid.py: one row per level count, 2(N − 1) evaluations; the chain on the
     reference's own 257 levels is the reference (RMS 0, the same fraction beyond 3σ), and fewer levels
@@ -192,6 +191,7 @@ def test_toy2d_teacher_grid_rows_converge_to_the_probe_reference():
     assert sorted(rows) == [18, 26, 257] and rows[18]["nfe"] == 34 and rows[18]["reference_levels"] == 257
     assert rows[257]["alignment_rms"] == 0 and rows[257]["beyond_3sigma"] == rows[257]["teacher_ode"]
     assert rows[18]["alignment_rms"] > rows[26]["alignment_rms"] > 0
+
 
 def test_acceleration_fid_table_and_iterations_to_reach():
     """bench/acceleration_fid.py's summary on synthetic rows: seed means in the table, and the step at which

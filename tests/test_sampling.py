@@ -27,8 +27,6 @@ C = 0.5
 MU = torch.tensor([0.7, -0.4, 0.25], dtype=F64)
 
 
-
-
 def _col(v, like):
     return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -171,7 +169,6 @@ def test_teacher_sample_converges_to_exact_flow():
     assert out32.dtype == torch.float32 and out32.shape == z.shape
 
 
-
 def test_teacher_sample_walks_its_karras_levels_with_two_evaluations_a_step():
     """`steps` Heun steps σ_max → σ_min with no final step to 0: 2·steps evaluations, the predictor at
     each level of the (steps + 1)-level Karras schedule but the last, the corrector at each but the first."""
@@ -191,6 +188,7 @@ def test_teacher_sample_walks_its_karras_levels_with_two_evaluations_a_step():
     assert len(seen) == 2 * steps
     assert seen[0::2] == pytest.approx(levels[:-1], rel=1e-12)
     assert seen[1::2] == pytest.approx(levels[1:], rel=1e-12)
+
 
 # --- metrics ----------------------------------------------------------------------------------
 
