@@ -28,11 +28,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def set_arguments(seed: int, overrides: list[str]) -> list[str]:
+    """`--set` arguments of a bench run: the seed, one thread, then `overrides`."""
+    return [arg for o in [f"run.seed={seed}", "run.threads=1", *overrides] for arg in ("--set", o)]
+
+
 def distill(preset: str, seed: int, overrides: list[str], out: Path) -> tuple[float, float]:
     """Seconds of wall clock and of CPU (user + system) for the whole `apctl distill` command (statistics,
     training, probes, samples). On a shared machine the CPU time is the steadier figure: a
     single-threaded process's CPU time is its wall time on an idle machine."""
-    sets = [arg for o in [f"run.seed={seed}", "run.threads=1", *overrides] for arg in ("--set", o)]
+    sets = set_arguments(seed, overrides)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -45,10 +50,10 @@ def distill(preset: str, seed: int, overrides: list[str], out: Path) -> tuple[fl
 
 def distill_in_process(preset: str, seed: int, overrides: list[str], out: Path) -> float:
     """`apctl distill` in this process, so that a builder a bench script has patched applies; its CPU
-    seconds. The settings are `distill`'s above: the seed, one thread, then `overrides`."""
+    seconds, with `distill`'s settings (`set_arguments`)."""
     from apctl.cli.main import app
 
-    sets = [arg for o in [f"run.seed={seed}", "run.threads=1", *overrides] for arg in ("--set", o)]
+    sets = set_arguments(seed, overrides)
     started = time.process_time()
     app(["distill", "--preset", preset, "--out", str(out), *sets], standalone_mode=False)
     return time.process_time() - started

@@ -28,6 +28,22 @@ def load(name: str):
         sys.path.remove(str(BENCH))
 
 
+def json_rows(script: str, *args: str) -> list[dict]:
+    """Run bench/<script> single-threaded in a subprocess; the JSON rows it prints (other lines skipped)."""
+    import json
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+# A distillation of 3 iterations with cheap statistics and probe: the scripts that run `apctl distill` end to end.
+TINY_DISTILL = ("--n", "256", "--set", "training.iterations=3", "--set", "precond.statistics.n_samples=256",
+                "--set", "eval.n_samples=64")
+
+
 acceleration = load("acceleration")
 STEPS = list(range(0, 101, 10))
 BASELINE = [1.0 - 0.005 * s for s in STEPS]            # reaches its final 0.5 at step 100
@@ -131,14 +147,7 @@ def test_cifar10_checkpoint_steps():
 def test_toy2d_ceiling_runs_and_scores_on_the_probe():
     """bench/toy2d_ceiling.py end to end at 3 iterations: one JSON row; its regression targets (a 48-step Heun
     chain) sit within 0.01 RMS of the probe's 256-step reference, and an untrained regression is far from it."""
-    import json
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
-    out = subprocess.run([sys.executable, str(BENCH / "toy2d_ceiling.py"), "--iterations", "3", "--fourier", "8",
-                          "--input-gain", "2.5"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    row = json_rows("toy2d_ceiling.py", "--iterations", "3", "--fourier", "8", "--input-gain", "2.5")[-1]
     assert row["iterations"] == 3 and row["fourier"] == 8 and row["batch"] == 256 and row["input_gain"] == 2.5
     assert row["targets_vs_reference"]["alignment_rms"] < 0.01
     assert row["regression"]["alignment_rms"] > 10 * row["targets_vs_reference"]["alignment_rms"]
@@ -149,9 +158,6 @@ def test_toy2d_teacher_start_student_is_the_teacher_at_the_start_and_runs():
     """bench/toy2d_teacher_start.py: a fresh teacher-plus-correction student is the exact teacher's denoiser
     for every target time s (its MLP's last layer is zero) and moves away once its MLP does; end to end at
     3 iterations it gives one JSON row scored on the probe."""
-    import json
-    import os
-
     import torch
 
     from apctl.networks.mlp import TwoTimeMLP
@@ -168,11 +174,7 @@ def test_toy2d_teacher_start_student_is_the_teacher_at_the_start_and_runs():
     assert not torch.allclose(net(x, t, t), teacher(x, t).float(), rtol=0, atol=1e-3)
     assert net.output_weight() is net.mlp.head.weight
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
-    out = subprocess.run([sys.executable, str(BENCH / "toy2d_teacher_start.py"), "--n", "256", "--set", "training.iterations=3",
-                          "--set", "precond.statistics.n_samples=256", "--set", "eval.n_samples=64"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    row = json_rows("toy2d_teacher_start.py", *TINY_DISTILL)[-1]
     assert row["student"] == "teacher + correction" and row["step"] == 3
     assert row["rms2"] > 0.1 and 0 < row["beyond_exact"] < 0.05
 
@@ -181,13 +183,7 @@ def test_toy2d_teacher_grid_rows_converge_to_the_probe_reference():
     """bench/toy2d_teacher_grid.py: one row per level count, 2(N − 1) evaluations; the chain on the
     reference's own 257 levels is the reference (RMS 0, the same fraction beyond 3σ), and fewer levels
     are further from it."""
-    import json
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
-    out = subprocess.run([sys.executable, str(BENCH / "toy2d_teacher_grid.py"), "--levels", "18", "26", "257",
-                          "--n", "512"], env=env, capture_output=True, text=True, check=True).stdout
-    rows = {r["levels"]: r for r in map(json.loads, out.strip().splitlines())}
+    rows = {r["levels"]: r for r in json_rows("toy2d_teacher_grid.py", "--levels", "18", "26", "257", "--n", "512")}
     assert sorted(rows) == [18, 26, 257] and rows[18]["nfe"] == 34 and rows[18]["reference_levels"] == 257
     assert rows[257]["alignment_rms"] == 0 and rows[257]["beyond_3sigma"] == rows[257]["teacher_ode"]
     assert rows[18]["alignment_rms"] > rows[26]["alignment_rms"] > 0
@@ -232,13 +228,6 @@ def test_toy2d_exact_goal_chain_is_the_gaussian_flow():
 
 def test_toy2d_exact_goal_runs_the_preset_with_the_swapped_goal():
     """bench/toy2d_exact_goal.py end to end at 3 iterations: one JSON row scored on the probe."""
-    import json
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
-    out = subprocess.run([sys.executable, str(BENCH / "toy2d_exact_goal.py"), "--n", "256", "--set", "training.iterations=3",
-                          "--set", "precond.statistics.n_samples=256", "--set", "eval.n_samples=64"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    row = json_rows("toy2d_exact_goal.py", *TINY_DISTILL)[-1]
     assert row["objective"] == "ctm, exact goal" and row["step"] == 3 and row["sub"] == 4
     assert row["rms2"] > 0.1 and 0 < row["beyond_exact"] < 0.05

@@ -157,7 +157,8 @@ class CTMObjective(_GridObjective):
         i, k, j, k_max = (v.to(x0.device, non_blocking=True) if torch.is_tensor(v) else v
                           for v in self.sample_indices(x0.shape[0], draws, shared_gen))
         eps = draws.randn(x0.shape[1:]).to(x0)
-        return x0 + self.table.sigma[i].to(x0.dtype).view((-1,) + (1,) * (x0.dim() - 1)) * eps, i, k, j, k_max
+        t = self.table.sigma[i].to(x0.dtype).view((-1,) + (1,) * (x0.dim() - 1))
+        return x0 + t * eps, i, k, j, k_max
 
     def consistency(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, draws, shared_gen) -> torch.Tensor:
         """mean d(G_{θ⁻}(G_θ(x_t, t, s), s, σ_min), G_{θ⁻}(G_θ̄(x̂_u, u, s), s, σ_min)) (module docstring)."""
