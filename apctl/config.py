@@ -207,6 +207,7 @@ class TrainingConfig:
     batch_size: int = field(default=256, metadata=_range(1, MAX_BATCH))
     lr: float = field(default=4e-4, metadata=_range(0.0, lo_open=True))
     optimizer: str = field(default="radam", metadata=_choice("radam", "adam"))
+    betas: list = field(default_factory=lambda: [0.9, 0.999])   # (β₁, β₂) of either optimizer (training/optimizer.py)
     ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0))
     precision: str = field(default="fp32", metadata=_choice("fp32", "fp16", "bf16"))
     grad_clip: float = field(default=0.0, metadata=_range(0.0))
@@ -407,6 +408,9 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(source, "objective.distance.lpips_pooling", "average pooling is CTM's VGG variant: it needs lpips_net = 'vgg'")
     if o.distance.kind == "lpips" and cfg.student.kind == "mlp":
         raise ConfigError(source, "objective.distance.kind", "lpips compares images: it needs student.kind = 'unet'")
+    if len(cfg.training.betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
+                                           for b in cfg.training.betas):
+        raise ConfigError(source, "training.betas", f"must be two numbers β₁, β₂ with 0 ≤ β < 1, got {cfg.training.betas!r}")
     if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_STEPS
                                for n in cfg.eval.nfe):
         raise ConfigError(source, "eval.nfe", f"must be a list of integers from 1 to {MAX_STEPS:,}")

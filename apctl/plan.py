@@ -318,7 +318,7 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
             ("target EMA μ", f"{o.target_ema:g}"),
         ]
     rows += [
-        ("optimizer", f"{tr.optimizer}, lr {tr.lr:g}" + _lr_schedule(tr)),
+        ("optimizer", f"{tr.optimizer} (β {tr.betas[0]:g}, {tr.betas[1]:g}), lr {tr.lr:g}" + _lr_schedule(tr)),
         ("evaluation EMA", f"{tr.ema_decay:g}"),
         ("iterations", f"{tr.iterations:,}"),
         ("precision", tr.precision),

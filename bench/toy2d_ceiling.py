@@ -24,6 +24,10 @@ neighbouring modes (the map's region boundaries drawn too smoothly), not noise.
     OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py                                  # the preset as is
     OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --fourier 128 --fourier-scale 5 --iterations 8400 --input-gain 1
     OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --input-gain 1                 # the MLP before the gain
+    OMP_NUM_THREADS=1 python bench/toy2d_ceiling.py --set 'training.optimizer="radam"' --set 'training.betas=[0.9, 0.999]'
+
+`--set KEY=VALUE` overrides the preset as `apctl distill --set` does (the rows of docs/benchmarks.md before
+the seventh session were measured under RAdam with β = (0.9, 0.999), the preset's optimizer then).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def main() -> None:
     ap.add_argument("--fourier", type=int, default=0, help="random Fourier features of the input (0 = none)")
     ap.add_argument("--fourier-scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
 
     import torch
@@ -56,10 +61,11 @@ def main() -> None:
     from apctl.sampling import teacher_sample
     from apctl.schedules import SIGMA_MAX, SIGMA_MIN
     from apctl.teachers import build_teacher
+    from apctl.training.optimizer import build_optimizer
     from apctl.training.schedule import learning_rate, set_learning_rate
 
     torch.set_num_threads(1)
-    cfg, _ = load_config(args.preset)
+    cfg, _ = load_config(args.preset, args.overrides)
     st, tc = cfg.student, cfg.training
     iterations, lr, hidden = args.iterations or tc.iterations, args.lr or tc.lr, args.hidden or st.hidden
     gain = args.input_gain or st.input_gain
@@ -81,7 +87,7 @@ def main() -> None:
 
     # The preset's optimizer; its lr decayed by apctl's own cosine schedule (training/schedule.py) to 0.
     schedule = dataclasses.replace(tc, iterations=iterations, lr=lr, lr_schedule="cosine", lr_warmup=0, lr_floor=0.0)
-    optimizer = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[tc.optimizer](net.parameters(), lr=lr)
+    optimizer = build_optimizer(tc, net.parameters(), lr)
     gen = torch.Generator().manual_seed(args.seed + 1)
     started = time.process_time()
     for k in range(iterations):
@@ -99,7 +105,8 @@ def main() -> None:
     with torch.no_grad():
         out = torch.cat([predict(z) for z in probe.z.split(2048)])
         chain = teacher_sample(teacher, probe.z, args.target_steps)
-    row = {"preset": args.preset, "iterations": iterations, "batch": tc.batch_size, "lr": lr, "hidden": hidden, "input_gain": gain,
+    row = {"preset": args.preset, "sets": args.overrides, "optimizer": type(optimizer).__name__, "betas": list(optimizer.defaults["betas"]),
+           "iterations": iterations, "batch": tc.batch_size, "lr": lr, "hidden": hidden, "input_gain": gain,
            "depth": st.depth, "fourier": args.fourier, "fourier_scale": args.fourier_scale, "seed": args.seed,
            "cpu_s": round(cpu, 1), "regression": probe.measure(out),
            "targets_vs_reference": probe.measure(chain), "teacher_ode_beyond_3sigma": probe.beyond_3sigma}

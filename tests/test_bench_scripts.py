@@ -146,9 +146,12 @@ def test_cifar10_checkpoint_steps():
 
 def test_toy2d_ceiling_runs_and_scores_on_the_probe():
     """bench/toy2d_ceiling.py end to end at 3 iterations: one JSON row; its regression targets (a 48-step Heun
-    chain) sit within 0.01 RMS of the probe's 256-step reference, and an untrained regression is far from it."""
-    row = json_rows("toy2d_ceiling.py", "--iterations", "3", "--fourier", "8", "--input-gain", "2.5")[-1]
-    assert row["iterations"] == 3 and row["fourier"] == 8 and row["batch"] == 256 and row["input_gain"] == 2.5
+    chain) sit within 0.01 RMS of the probe's 256-step reference, and an untrained regression is far from it.
+    `--set` reaches the preset it reads (the optimizer built, its β, the batch)."""
+    row = json_rows("toy2d_ceiling.py", "--iterations", "3", "--fourier", "8", "--input-gain", "2.5",
+                    "--set", 'training.optimizer="radam"', "--set", "training.betas=[0.8, 0.9]", "--set", "training.batch_size=64")[-1]
+    assert row["iterations"] == 3 and row["fourier"] == 8 and row["batch"] == 64 and row["input_gain"] == 2.5
+    assert row["optimizer"] == "RAdam" and row["betas"] == [0.8, 0.9]
     assert row["targets_vs_reference"]["alignment_rms"] < 0.01
     assert row["regression"]["alignment_rms"] > 10 * row["targets_vs_reference"]["alignment_rms"]
     assert 0 < row["teacher_ode_beyond_3sigma"]["exact"] < 0.05

@@ -145,7 +145,7 @@ def test_dry_run_of_paper_preset_prints_the_plan_without_files(name, cli, tmp_pa
     assert teacher_file in rows["teacher"] and "NOT FOUND" in rows["teacher"]
     assert rows["grid"].startswith(f"N = {n} Karras levels"), rows["grid"]
     assert rows["max teacher Heun steps"] == str(max_steps)
-    assert rows["optimizer"] == f"radam, lr {lr:g}"
+    assert rows["optimizer"] == f"radam (β 0.9, 0.999), lr {lr:g}"
     assert rows["target EMA μ"] == f"{mu:g}"
     assert rows["evaluation EMA"] == f"{ema:g}"
     assert rows["iterations"] == f"{iters:,}"
@@ -179,17 +179,18 @@ def test_dry_run_finds_teachers_where_distill_looks(tmp_path, monkeypatch):
     assert "NOT FOUND" not in rows["teacher"], rows["teacher"]
 
 
-def test_plan_states_the_learning_rate_schedule():
-    """The plan's optimizer row names the schedule the run will follow: toy2d holds lr over half of its
-    2,800 steps (decay from step 1,400); a warm-up and no hold decay from the warm-up's end."""
+def test_plan_states_the_optimizer_and_the_learning_rate_schedule():
+    """The plan's optimizer row names the optimizer, its β and the schedule the run will follow: toy2d's
+    Adam holds lr over half of its 2,800 steps (decay from step 1,400); a warm-up and no hold decay from
+    the warm-up's end."""
     from apctl.plan import describe_plan
 
     cfg, path = load_config("toy2d")
-    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam, lr 0.004, linear decay from step 1,400 to 0·lr"
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "adam (β 0.9, 0.99), lr 0.004, linear decay from step 1,400 to 0·lr"
     cfg, path = load_config("toy2d", ["training.lr_warmup=100", "training.lr_hold=0", 'training.lr_schedule="cosine"'])
-    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam, lr 0.004, warm-up 100 steps, cosine decay to 0·lr"
-    cfg, path = load_config("toy2d", ['training.lr_schedule="constant"'])
-    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam, lr 0.004"
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "adam (β 0.9, 0.99), lr 0.004, warm-up 100 steps, cosine decay to 0·lr"
+    cfg, path = load_config("toy2d", ['training.lr_schedule="constant"', 'training.optimizer="radam"', "training.betas=[0.9, 0.999]"])
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam (β 0.9, 0.999), lr 0.004"
 
 
 def test_dry_run_parameter_count_matches_the_student_that_trains():
@@ -309,6 +310,11 @@ def test_bad_set_names_the_set_and_key(override, key, reason):
 
 @pytest.mark.parametrize("override, key", [
     ("eval.nfe=[1, 0]", "eval.nfe"),
+    ("training.betas=[0.9]", "training.betas"),
+    ("training.betas=[0.9, 1.0]", "training.betas"),
+    ("training.betas=[-0.1, 0.99]", "training.betas"),
+    ("training.betas=[true, 0.99]", "training.betas"),
+    ('training.betas=[0.9, "0.99"]', "training.betas"),
     ("objective.ctm.max_teacher_steps=30", "objective.ctm.max_teacher_steps"),
 ])
 def test_cross_field_error_caused_by_a_set_names_the_set(override, key):

@@ -1,7 +1,9 @@
-"""The training loop's small rules: EMA updates, per-step generators, which config changes a resume allows.
+"""The training loop's small rules: EMA updates, the optimizer's β, per-step generators, which config
+changes a resume allows.
 
 Each test states the independent fact it checks: the EMA definition θ_ema ← μ·θ_ema + (1 − μ)·θ
-(apctl/training/ema.py) evaluated by hand and in closed form (μ^n), the architecture note's "each step's
+(apctl/training/ema.py) evaluated by hand and in closed form (μ^n), Adam's update written out for two
+steps (apctl/training/optimizer.py), the architecture note's "each step's
 randomness comes from a generator seeded by (seed, rank, step)", and the user guide's list of settings a
 resumed run may change (docs/user_guide.md, "Resuming").
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -84,6 +87,51 @@ def test_frozen_copy_is_a_deep_copy_without_gradients():
         frozen[1].running_mean.add_(1.0)
     assert torch.equal(next(net.parameters()), next(_net(1.5).parameters()))
     assert torch.equal(net[1].running_mean, torch.zeros(2, dtype=F64))
+
+
+# --- the optimizer ----------------------------------------------------------------------------------
+
+def _adam_two_steps(g1: float, g2: float, lr: float, beta1: float, beta2: float, eps: float = 1e-8) -> float:
+    """θ after two Adam steps from θ = 0 with gradients g1, g2, from the update rule written out:
+    m_k = β₁·m_{k−1} + (1 − β₁)·g_k, v_k = β₂·v_{k−1} + (1 − β₂)·g_k², θ −= lr·(m_k/(1 − β₁^k)) / (√(v_k/(1 − β₂^k)) + ε)."""
+    theta = m = v = 0.0
+    for k, g in enumerate((g1, g2), start=1):
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        theta -= lr * (m / (1 - beta1 ** k)) / (math.sqrt(v / (1 - beta2 ** k)) + eps)
+    return theta
+
+
+@pytest.mark.parametrize("betas", [[0.9, 0.99], [0.5, 0.9], [0.9, 0.999]])
+def test_the_optimizer_takes_the_configured_betas(betas):
+    """training.betas reaches the update: two Adam steps (gradients 1, then −3) land where the rule with those
+    β puts them, and the β of the other rows would put them elsewhere."""
+    from apctl.config import TrainingConfig
+    from apctl.training.optimizer import build_optimizer
+
+    theta = nn.Parameter(torch.zeros((), dtype=F64))
+    optimizer = build_optimizer(TrainingConfig(optimizer="adam", betas=betas), [theta], lr=0.1)
+    for g in (1.0, -3.0):
+        optimizer.zero_grad()
+        (g * theta).backward()
+        optimizer.step()
+    expected = _adam_two_steps(1.0, -3.0, 0.1, *betas)
+    assert theta.item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    others = [_adam_two_steps(1.0, -3.0, 0.1, *b) for b in ([0.9, 0.99], [0.5, 0.9], [0.9, 0.999]) if b != betas]
+    assert all(abs(o - expected) > 1e-5 for o in others)      # the two-step rule is met to 1e-12 above
+    radam = build_optimizer(TrainingConfig(optimizer="radam", betas=betas), [theta], lr=0.1)
+    assert isinstance(radam, torch.optim.RAdam) and radam.defaults["betas"] == tuple(betas)
+
+
+def test_the_optimizer_choices_of_the_config_are_the_optimizers_built():
+    """config.py lists `training.optimizer`'s choices without importing torch; training/optimizer.py maps
+    names to classes. A name in one list and not the other would fail only when a run starts."""
+    import dataclasses
+
+    from apctl.config import TrainingConfig
+    from apctl.training.optimizer import OPTIMIZERS
+
+    field, = (f for f in dataclasses.fields(TrainingConfig) if f.name == "optimizer")
+    assert set(field.metadata["choices"]) == set(OPTIMIZERS)
 
 
 # --- per-step generators --------------------------------------------------------------------------

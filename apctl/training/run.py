@@ -31,6 +31,7 @@ from apctl.strict_json import dumps
 from apctl.training import distributed, guard
 from apctl.training.ema import frozen_copy
 from apctl.training.lock import RunLock, check_unlocked
+from apctl.training.optimizer import build_optimizer
 from apctl.training.run_directory import NewEntries, check_run_directory
 from apctl.training.schedule import learning_rate
 from apctl.training.signals import StopAtOnce, StopSignals, exit_code, signal_name
@@ -265,8 +266,7 @@ def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data
     student.train()
     target = frozen_copy(student).train() if distilling else None
     ema = frozen_copy(student).eval()
-    opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[cfg.training.optimizer]
-    optimizer = opt_cls(student.parameters(), lr=learning_rate(cfg.training, 0))
+    optimizer = build_optimizer(cfg.training, student.parameters(), learning_rate(cfg.training, 0))
     objective = build_objective(cfg.objective, teacher, precond).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.training.precision == "fp16")
     run = Run(cfg, run_dir, teacher, data_source, precond, objective, student, target, ema, optimizer,
