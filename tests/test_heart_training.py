@@ -2,10 +2,10 @@
 changes a resume allows.
 
 Each test states the independent fact it checks: the EMA definition θ_ema ← μ·θ_ema + (1 − μ)·θ
-(apctl/training/ema.py) evaluated by hand and in closed form (μ^n), Adam's update written out for two
-steps (apctl/training/optimizer.py), the architecture note's "each step's
-randomness comes from a generator seeded by (seed, rank, step)", and the user guide's list of settings a
-resumed run may change (docs/user_guide.md, "Resuming").
+(apctl/training/ema.py) evaluated by hand and in closed form (μ^n), Adam's update rule written out for
+two steps (apctl/training/optimizer.py), the architecture note's "each step's randomness comes from a
+generator seeded by (seed, rank, step)", and the user guide's list of settings a resumed run may change
+(docs/user_guide.md, "Resuming").
 """
 
 from __future__ import annotations
@@ -91,9 +91,13 @@ def test_frozen_copy_is_a_deep_copy_without_gradients():
 
 # --- the optimizer ----------------------------------------------------------------------------------
 
+BETAS = ([0.9, 0.99], [0.5, 0.9], [0.9, 0.999])
+
+
 def _adam_two_steps(g1: float, g2: float, lr: float, beta1: float, beta2: float, eps: float = 1e-8) -> float:
-    """θ after two Adam steps from θ = 0 with gradients g1, g2, from the update rule written out:
-    m_k = β₁·m_{k−1} + (1 − β₁)·g_k, v_k = β₂·v_{k−1} + (1 − β₂)·g_k², θ −= lr·(m_k/(1 − β₁^k)) / (√(v_k/(1 − β₂^k)) + ε)."""
+    """θ after two Adam steps from θ = 0 with gradients g1, g2, by the update rule written out:
+    m_k = β₁·m_{k−1} + (1 − β₁)·g_k,  v_k = β₂·v_{k−1} + (1 − β₂)·g_k²,
+    θ −= lr·(m_k/(1 − β₁^k)) / (√(v_k/(1 − β₂^k)) + ε)."""
     theta = m = v = 0.0
     for k, g in enumerate((g1, g2), start=1):
         m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
@@ -101,7 +105,7 @@ def _adam_two_steps(g1: float, g2: float, lr: float, beta1: float, beta2: float,
     return theta
 
 
-@pytest.mark.parametrize("betas", [[0.9, 0.99], [0.5, 0.9], [0.9, 0.999]])
+@pytest.mark.parametrize("betas", BETAS)
 def test_the_optimizer_takes_the_configured_betas(betas):
     """training.betas reaches the update: two Adam steps (gradients 1, then −3) land where the rule with those
     β puts them, and the β of the other rows would put them elsewhere."""
@@ -116,7 +120,7 @@ def test_the_optimizer_takes_the_configured_betas(betas):
         optimizer.step()
     expected = _adam_two_steps(1.0, -3.0, 0.1, *betas)
     assert theta.item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
-    others = [_adam_two_steps(1.0, -3.0, 0.1, *b) for b in ([0.9, 0.99], [0.5, 0.9], [0.9, 0.999]) if b != betas]
+    others = [_adam_two_steps(1.0, -3.0, 0.1, *b) for b in BETAS if b != betas]
     assert all(abs(o - expected) > 1e-5 for o in others)      # the two-step rule is met to 1e-12 above
     radam = build_optimizer(TrainingConfig(optimizer="radam", betas=betas), [theta], lr=0.1)
     assert isinstance(radam, torch.optim.RAdam) and radam.defaults["betas"] == tuple(betas)
