@@ -442,3 +442,20 @@ def test_a_rule_broken_by_one_set_may_be_mended_by_the_next():
     with pytest.raises(ApctlError) as info:
         load_config("toy2d", ["objective.grid_points=6"])
     assert "--set objective.grid_points=6" in str(info.value) and "max_teacher_steps" in str(info.value)
+
+
+@pytest.mark.parametrize("section, key, builders", [
+    ("StudentConfig", "activation", "apctl.networks.mlp:ACTIVATIONS"),
+    ("TrainingConfig", "optimizer", "apctl.training.optimizer:OPTIMIZERS"),
+])
+def test_the_choices_a_key_accepts_are_the_names_its_builder_knows(section, key, builders):
+    """config.py lists a key's choices without importing torch; the builder maps the same names to modules
+    or classes. A name in one list and not the other would fail only when a run starts."""
+    import dataclasses
+    import importlib
+
+    import apctl.config
+
+    module, table = builders.split(":")
+    field, = (f for f in dataclasses.fields(getattr(apctl.config, section)) if f.name == key)
+    assert set(field.metadata["choices"]) == set(getattr(importlib.import_module(module), table))

@@ -126,18 +126,6 @@ def test_the_optimizer_takes_the_configured_betas(betas):
     assert isinstance(radam, torch.optim.RAdam) and radam.defaults["betas"] == tuple(betas)
 
 
-def test_the_optimizer_choices_of_the_config_are_the_optimizers_built():
-    """config.py lists `training.optimizer`'s choices without importing torch; training/optimizer.py maps
-    names to classes. A name in one list and not the other would fail only when a run starts."""
-    import dataclasses
-
-    from apctl.config import TrainingConfig
-    from apctl.training.optimizer import OPTIMIZERS
-
-    field, = (f for f in dataclasses.fields(TrainingConfig) if f.name == "optimizer")
-    assert set(field.metadata["choices"]) == set(OPTIMIZERS)
-
-
 # --- per-step generators --------------------------------------------------------------------------
 
 def _draws(seed, rank, step, n=2000):

@@ -22,5 +22,4 @@ OPTIMIZERS = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}
 
 def build_optimizer(tc: TrainingConfig, parameters: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """`training.optimizer` over `parameters`, with `training.betas` and the step's learning rate `lr`."""
-    beta1, beta2 = tc.betas
-    return OPTIMIZERS[tc.optimizer](parameters, lr=lr, betas=(beta1, beta2))
+    return OPTIMIZERS[tc.optimizer](parameters, lr=lr, betas=tuple(tc.betas))
