@@ -264,7 +264,7 @@ def check_weights(ckpt: Checkpoint) -> None:
     preconditioning needs statistics, and each network's tensors the shapes of the JSON's architecture."""
     from apctl.config import config_from_dict
     from apctl.networks.student import build_student
-    from apctl.objectives import distills
+    from apctl.objectives import distills, uses_target
     from apctl.preconditioning.build import needs_statistics
 
     path = ckpt.path
@@ -274,7 +274,7 @@ def check_weights(ckpt: Checkpoint) -> None:
         raise CorruptCheckpointError(str(exc)) from None
     # A snapshot (training/snapshots.py) holds the evaluation EMA alone.
     snapshot = ckpt.meta.get("snapshot") is True
-    groups = ["ema"] if snapshot else ["student", "ema"] + (["target"] if distills(cfg.objective) else [])
+    groups = ["ema"] if snapshot else ["student", "ema"] + (["target"] if uses_target(cfg.objective) else [])
     for group in groups:
         if not ckpt.group(group):
             raise CorruptCheckpointError(f"{path.with_suffix('.safetensors')} holds no '{group}.*' tensors, "

@@ -173,6 +173,26 @@ class EDMObjectiveConfig:
 
 
 @dataclass
+class ECTObjectiveConfig:
+    """ECT's own keys (Geng et al. 2025, "Consistency models made easy"). Defaults are locuslab/ect's
+    CIFAR-10 recipe (`run_ecm.sh`, `ct_train.py`); ImageNet-64 uses P = (−0.8, 1.6), q = 4, c = 0.06 and
+    the "edm" weighting. See docs/math.md, "ECT"."""
+
+    p_mean: float = -1.1                                          # ln t ~ N(p_mean, p_std²)
+    p_std: float = field(default=2.0, metadata=_range(0.0, lo_open=True))
+    # Δt/t = n(t)/q^(stage+1):  n(t) = 1 + k·sigmoid(−b·t) ("sigmoid") | n ≡ 1 ("const")
+    mapping: str = field(default="sigmoid", metadata=_choice("sigmoid", "const"))
+    q: float = field(default=2.0, metadata=_range(1.0, lo_open=True))
+    k: float = field(default=8.0, metadata=_range(0.0))
+    b: float = field(default=1.0, metadata=_range(0.0))
+    # iterations per stage (ECT counts 250 ticks of 100 iterations at batch 128: 25,000)
+    stage_iterations: int = field(default=25_000, metadata=_range(1))
+    huber_c: float = field(default=0.0, metadata=_range(0.0))     # d = √(‖Δ‖² + c²) − c, ‖·‖ over all pixels
+    # w = 1/(t − r) (CIFAR-10) | 1/t² + 1/σ_d² (ImageNet-64, EDM's λ)
+    weighting: str = field(default="gap", metadata=_choice("gap", "edm"))
+
+
+@dataclass
 class ObjectiveConfig:
     """The training objective: the keys every kind shares, then one section per kind.
 
@@ -181,14 +201,16 @@ class ObjectiveConfig:
     changes `kind` drops the inherited section of the old kind.
     """
 
-    KINDS: ClassVar[dict[str, type]] = {"ctm": CTMObjectiveConfig, "cd": CDObjectiveConfig, "edm": EDMObjectiveConfig}
+    KINDS: ClassVar[dict[str, type]] = {"ctm": CTMObjectiveConfig, "cd": CDObjectiveConfig, "ect": ECTObjectiveConfig,
+                                        "edm": EDMObjectiveConfig}
 
-    kind: str = field(default="ctm", metadata=_choice("ctm", "cd", "edm"))
+    kind: str = field(default="ctm", metadata=_choice("ctm", "cd", "ect", "edm"))
     grid_points: int = field(default=18, metadata=_range(2, MAX_GRID_POINTS))
     target_ema: float = field(default=0.999, metadata=_range(0.0, 1.0))
     distance: DistanceConfig = field(default_factory=DistanceConfig)
     ctm: Optional[CTMObjectiveConfig] = None
     cd: Optional[CDObjectiveConfig] = None
+    ect: Optional[ECTObjectiveConfig] = None
     edm: Optional[EDMObjectiveConfig] = None
 
     def __post_init__(self) -> None:
@@ -402,6 +424,9 @@ def validate(cfg: Config, source: str) -> None:
         raise ConfigError(source, "teacher.kind", "'none' is for teacher training (objective.kind = 'edm') on a data set")
     if t.kind == "network" and cfg.data.kind == "teacher":
         raise ConfigError(source, "data.kind", "a network teacher needs a data set (digits, cifar10, edm, folder)")
+    if o.kind == "ect" and cfg.student.kind != "unet":
+        raise ConfigError(source, "objective.kind", "ECT tunes a one-time image denoiser: it needs student.kind = 'unet' "
+                                                    "(a two-time UNet whose s-embedding stays at zero)")
     if o.kind == "ctm" and o.ctm.max_teacher_steps > o.grid_points - 1:
         raise ConfigError(source, "objective.ctm.max_teacher_steps", f"at most objective.grid_points − 1 = {o.grid_points - 1}")
     if o.distance.kind == "lpips" and o.distance.lpips_pooling == "avg" and o.distance.lpips_net != "vgg":

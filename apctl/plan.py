@@ -285,7 +285,7 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
 
     grid = karras_sigmas(o.grid_points)
     c = o.ctm
-    distance, warning = _distance(cfg) if o.kind != "edm" else ("", None)
+    distance, warning = _distance(cfg) if o.kind in ("ctm", "cd") else ("", None)
     warnings += [warning] if warning else []
     precond = {"analytic": f"Analytic-Precond ({p.form} form, {p.statistics.n_points} λ-points × "
                            f"{p.statistics.n_samples} samples)", "ctm": "CTM (s/t, 1 − s/t)",
@@ -303,6 +303,19 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
     if o.kind == "edm":
         rows.append(("objective", f"EDM denoiser loss, ln σ ~ N({o.edm.p_mean:g}, {o.edm.p_std:g}²), "
                                   "weight (σ² + σ_d²)/(σ·σ_d)²"))
+    elif o.kind == "ect":
+        e = o.ect
+        n = f"1 + {e.k:g}·sigmoid(−{e.b:g}·t)" if e.mapping == "sigmoid" else "1"
+        d = f"√(‖Δ‖² + {e.huber_c:g}²) − {e.huber_c:g}" if e.huber_c > 0 else "‖Δ‖₂"
+        w = "1/(t − r)" if e.weighting == "gap" else "1/t² + 1/σ_d²"
+        rows += [
+            ("objective", f"ECT: ln t ~ N({e.p_mean:g}, {e.p_std:g}²), r = max(0, t·(1 − n(t)/{e.q:g}^(j+1))), "
+                          f"n(t) = {n}, stage j = ⌊step / {e.stage_iterations:,}⌋; d = {d}, weight {w}; "
+                          "goal by the current θ (no grad, same dropout), no θ⁻, one-time D_θ (s-embedding frozen)"),
+            ("preconditioning", f"{precond} (the sampler's jumps only)"),
+            ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g} (the sampler's)"),
+            ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras" else "Karras levels snapped to the grid"),
+        ]
     else:
         rows += [
             ("objective", f"{o.kind.upper()}, distance {distance}"),

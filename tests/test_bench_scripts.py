@@ -1,7 +1,7 @@
 """The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
 bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and short
 runs of bench/toy2d_ceiling.py, bench/toy2d_exact_goal.py (whose goal chain is checked against a closed form),
-bench/toy2d_teacher_start.py and bench/toy2d_teacher_grid.py."""
+bench/toy2d_teacher_start.py, bench/toy2d_teacher_grid.py and bench/objective_cost.py."""
 
 from __future__ import annotations
 
@@ -234,3 +234,15 @@ def test_toy2d_exact_goal_runs_the_preset_with_the_swapped_goal():
     row = json_rows("toy2d_exact_goal.py", *TINY_DISTILL)[-1]
     assert row["objective"] == "ctm, exact goal" and row["step"] == 3 and row["sub"] == 4
     assert row["rms2"] > 0.1 and 0 < row["beyond_exact"] < 0.05
+
+
+def test_objective_cost_times_each_preset_against_the_first():
+    """bench/objective_cost.py at 2 steps: one table row per preset, the reference's own ratio exactly 1."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(BENCH.parent))
+    out = subprocess.run([sys.executable, str(BENCH / "objective_cost.py"), "--presets", "toy2d", "digits-ect",
+                          "--steps", "2", "--warmup", "1"], env=env, capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| toy2d") or line.startswith("| digits-ect")]
+    assert [r[0].strip() for r in rows] == ["toy2d", "digits-ect"]
+    assert rows[0][3].strip() == "1.000" and float(rows[1][3]) > 0

@@ -316,6 +316,7 @@ def test_bad_set_names_the_set_and_key(override, key, reason):
     ("training.betas=[true, 0.99]", "training.betas"),
     ('training.betas=[0.9, "0.99"]', "training.betas"),
     ("objective.ctm.max_teacher_steps=30", "objective.ctm.max_teacher_steps"),
+    ('objective.kind="ect"', "objective.kind"),          # toy2d's student is an MLP; ECT tunes a UNet
 ])
 def test_cross_field_error_caused_by_a_set_names_the_set(override, key):
     """A value only the `--set` supplied must be blamed on the `--set`, not on the preset file."""

@@ -25,7 +25,8 @@ def distill(
     """Distill a teacher into a few-step student (resumes when re-run).
 
     Trains a two-time consistency student (CTM or CD objective; Analytic-Precond, CTM or CM
-    preconditioning). Writes config.toml, precond statistics, checkpoints, metrics.jsonl
+    preconditioning), or tunes a one-time consistency model from the teacher with ECT
+    (objective.kind = "ect", e.g. --preset digits-ect). Writes config.toml, precond statistics, checkpoints, metrics.jsonl
     and samples.png to the run directory. Re-run the same command to resume from the last checkpoint;
     under `torchrun --nproc_per_node=K` the global batch is split over K processes."""
     cfg, preset_path = resolve_config(preset, overrides, teacher, data, threads)

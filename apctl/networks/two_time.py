@@ -120,6 +120,11 @@ class TwoTimeDenoiser(nn.Module):
         last = [name for name in unet.dec if name.endswith("aux_conv")][-1]
         return unet.dec[last].weight
 
+    def freeze_s_embedding(self) -> None:
+        """Keep E ≡ 0 (its last layer starts at zero) by taking the s-embedding out of training, so that
+        D_θ(x, t, s) = D_θ(x, t) for every s: a one-time denoiser, as ECT trains."""
+        self.s_embedding.requires_grad_(False)
+
     # ---- the function ----------------------------------------------------------------------
     def embed_s(self, s: torch.Tensor) -> torch.Tensor:
         """E(c_noise(max(s, s_floor))), shape [B, emb_channels]; c_noise is the base's (scale included)."""

@@ -182,7 +182,7 @@ class CTMObjective(_GridObjective):
         return (w * (denoised - x0).float().pow(2).flatten(1).mean(1)).mean()
 
     def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator,
-                 shared_gen: torch.Generator):
+                 shared_gen: torch.Generator, step: int = 0):
         draws = as_draws(gen, x0.shape[0])   # the consistency term draws first, then the DSM term
         consistency = self.consistency(student, target, x0, labels, draws, shared_gen)
         dsm = self.dsm(student, x0, labels, draws)
@@ -198,7 +198,7 @@ class CDObjective(_GridObjective):
     name = "cd"
 
     def __call__(self, student: nn.Module, target: nn.Module, x0: torch.Tensor, labels, gen: torch.Generator,
-                 shared_gen: torch.Generator):
+                 shared_gen: torch.Generator, step: int = 0):
         B, device = x0.shape[0], x0.device
         shape = (-1,) + (1,) * (x0.dim() - 1)
         draws = as_draws(gen, B)
@@ -216,13 +216,17 @@ class CDObjective(_GridObjective):
 def build_objective(cfg: ObjectiveConfig, teacher, precond):
     """The objective of the `[objective]` section: shared keys here, the kind's own keys from its section."""
     grid = karras_sigmas(cfg.grid_points)
-    distance = build_distance(cfg.distance) if cfg.kind != "edm" else None
+    distance = build_distance(cfg.distance) if cfg.kind in ("ctm", "cd") else None
     if cfg.kind == "ctm":
         c = cfg.ctm
         return CTMObjective(teacher, precond, grid, distance, c.max_teacher_steps, c.teacher_steps_law,
                             c.dsm_weighting, c.dsm_weight, c.dsm_sigma_law, c.dsm_uniform_fraction, c.target_inner)
     if cfg.kind == "cd":
         return CDObjective(teacher, precond, grid, distance)
+    if cfg.kind == "ect":
+        from apctl.objectives.ect import ECTObjective
+
+        return ECTObjective(cfg.ect, grid)
     if cfg.kind == "edm":
         from apctl.objectives.edm import EDMObjective
 

@@ -27,7 +27,7 @@ class EDMObjective:
         return self
 
     def __call__(self, net: nn.Module, target, x0: torch.Tensor, labels, gen: torch.Generator,
-                 shared_gen: torch.Generator):
+                 shared_gen: torch.Generator, step: int = 0):
         shape = (-1,) + (1,) * (x0.dim() - 1)
         draws = as_draws(gen, x0.shape[0])     # a torch.Generator or a step's per-sample draws
         sigma = (draws.randn() * self.p_std + self.p_mean).exp().to(x0.device)

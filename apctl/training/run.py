@@ -238,7 +238,7 @@ def prepare(cfg: Config, run_dir: Path, reporter: Reporter | None = None) -> Run
 def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data_source, stats, latest, arch) -> Run:
     """prepare's second half, once the run directory is ours: statistics, networks, optimizer, restore."""
     from apctl.networks.student import build_student, set_dropout
-    from apctl.objectives import build_objective, distills
+    from apctl.objectives import build_objective, distills, one_time, uses_target
     from apctl.preconditioning.build import build_preconditioning, needs_statistics, obtain_statistics
 
     distilling = distills(cfg.objective)
@@ -261,10 +261,12 @@ def _build(cfg: Config, run_dir: Path, reporter: Reporter, device, teacher, data
     teacher_network = teacher.network if teacher is not None else None
     student = build_student(arch, teacher_network if cfg.student.init_from_teacher else None).to(device)
     set_dropout(student, cfg.student.dropout)
+    if one_time(cfg.objective):
+        student.freeze_s_embedding()    # ECT: D_θ(x, t, s) stays one-time, the same for every s
     # θ and θ⁻ run in train mode (the architecture's dropout applies in every pass, as in CTM's code);
     # the evaluation EMA samples in eval mode; the teacher is always in eval mode.
     student.train()
-    target = frozen_copy(student).train() if distilling else None
+    target = frozen_copy(student).train() if uses_target(cfg.objective) else None
     ema = frozen_copy(student).eval()
     optimizer = build_optimizer(cfg.training, student.parameters(), learning_rate(cfg.training, 0))
     objective = build_objective(cfg.objective, teacher, precond).to(device)

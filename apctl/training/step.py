@@ -3,7 +3,7 @@
     lr            ← lr(step) (training/schedule.py)
     for each micro-batch m of this rank's rows of the global batch (training.batch_per_device):
         x_0, labels  ← data source, drawn per sample g from streams keyed (seed, step, g) (apctl/draws.py)
-        loss_m, logs ← objective(model, θ⁻, x_0, labels, the same draws, shared generator (seed, step))
+        loss_m, logs ← objective(model, θ⁻, x_0, labels, the same draws, shared generator (seed, step), step)
         backward of (|m| / share)·loss_m, DDP's all-reduce only after the last micro-batch (no_sync)
     θ             ← optimizer step on the (scaled, then unscaled) gradient, if the loss and ‖∇‖ are
                     finite on every rank (training/guard.py); not taken otherwise
@@ -98,7 +98,7 @@ def train_step(run, step: int, model: torch.nn.Module, rank: int = 0, world: int
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(tc.precision, run.device):
-                loss, logs = run.objective(model, run.target, x0, labels, draws, shared_generator(cfg.run.seed, step))
+                loss, logs = run.objective(model, run.target, x0, labels, draws, shared_generator(cfg.run.seed, step), step)
             run.scaler.scale(loss * weight).backward()
         for key, value in logs.items():
             sums[key] = sums.get(key, 0) + value.detach().float() * weight
