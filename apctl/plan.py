@@ -300,6 +300,9 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
         ("student" if o.kind != "edm" else "network", student),
         ("dropout", _dropout(cfg)),
     ]
+    grid_text = f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"
+    sampler_row = ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras"
+                   else "Karras levels snapped to the grid")
     if o.kind == "edm":
         rows.append(("objective", f"EDM denoiser loss, ln σ ~ N({o.edm.p_mean:g}, {o.edm.p_std:g}²), "
                                   "weight (σ² + σ_d²)/(σ·σ_d)²"))
@@ -313,8 +316,8 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
                           f"n(t) = {n}, stage j = ⌊step / {e.stage_iterations:,}⌋; d = {d}, weight {w}; "
                           "goal by the current θ (no grad, same dropout), no θ⁻, one-time D_θ (s-embedding frozen)"),
             ("preconditioning", f"{precond} (the sampler's jumps only)"),
-            ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g} (the sampler's)"),
-            ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras" else "Karras levels snapped to the grid"),
+            ("grid", f"{grid_text} (the sampler's)"),
+            sampler_row,
         ]
     else:
         rows += [
@@ -325,9 +328,9 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
                              f"target inner jump by the {'current θ (no grad)' if c.target_inner == 'student' else 'EMA θ⁻'}")]
               if o.kind == "ctm" else []),
             ("preconditioning", precond),
-            ("grid", f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"),
+            ("grid", grid_text),
             ("max teacher Heun steps", str(o.ctm.max_teacher_steps if o.kind == "ctm" else 1)),
-            ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras" else "Karras levels snapped to the grid"),
+            sampler_row,
             ("target EMA μ", f"{o.target_ema:g}"),
         ]
     rows += [

@@ -110,7 +110,7 @@ def student_samples(run, z, labels, nfe: int, batch: int = 256):
 
     from apctl.sampling import default_sigmas, student_sample
 
-    sigmas = default_sigmas(nfe, run.objective.grid.numpy(), run.cfg.eval.sigmas)
+    sigmas = default_sigmas(nfe, run.grid, run.cfg.eval.sigmas)
     out = []
     for i in range(0, len(z), batch):
         y = None if labels is None else labels[i:i + batch].to(run.device)
@@ -241,7 +241,7 @@ def one_run(args: tuple[str, str, str, int, list[str], dict]) -> dict:
 
     def evaluate(run) -> dict:
         t0 = time.perf_counter()
-        results = measure(probe, run.ema, run.precond, run.objective.grid.numpy(), NFES, schedule=run.cfg.eval.sigmas)
+        results = measure(probe, run.ema, run.precond, run.grid, NFES, schedule=run.cfg.eval.sigmas)
         logs = {f"align_nfe{n}": results[f"nfe={n}"]["alignment_rms"] for n in NFES}
         timings["probe"] += time.perf_counter() - t0
         if opts["fid_every"] and run.step % opts["fid_every"] == 0 and run.step < run.cfg.training.iterations:

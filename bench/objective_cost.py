@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-
-SHRINK = ["precond.statistics.n_points=16", "precond.statistics.n_samples=64", "training.eval_every=0",
-          "run.threads=1"]
+from step_cost import SHRINK     # the same shrunk statistics, no probe, one thread
 
 
 def prepared(preset: str, folder: Path):

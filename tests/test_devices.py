@@ -329,7 +329,7 @@ def test_student_sampling_on_the_device(tmp_path, monkeypatch, gamma, precond):
     with fake_mode(), seams(monkeypatch):
         _move_module(run.ema, CUDA)
         z = torch.randn((8, *run.teacher.shape), generator=torch.Generator().manual_seed(0)).to("cuda")
-        x = student_sample(run.ema, run.precond, z, default_sigmas(2, run.objective.grid.numpy()), gamma=gamma,
+        x = student_sample(run.ema, run.precond, z, default_sigmas(2, run.grid), gamma=gamma,
                            generator=torch.Generator().manual_seed(1))
         _check_device(x)
 

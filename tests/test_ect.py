@@ -20,7 +20,6 @@ from apctl.networks.student import set_dropout
 from apctl.objectives import ect as ect_module
 from apctl.objectives.ect import ECTObjective, r_of_t, stage_of
 from apctl.presets import load_config
-from apctl.schedules import karras_sigmas
 
 SIGMA_D = 0.5
 KW = EDM_PRESET_KWARGS["cpu-songunet-16"]
@@ -95,7 +94,7 @@ def _draws(seed: int, x0: torch.Tensor):
 
 
 def _objective(**keys) -> ECTObjective:
-    return ECTObjective(ECTObjectiveConfig(**keys), karras_sigmas(18))
+    return ECTObjective(ECTObjectiveConfig(**keys))
 
 
 def test_the_goal_is_the_model_at_r_on_the_same_noise(monkeypatch):

@@ -43,6 +43,7 @@ from apctl.objectives.distances import build_distance
 from apctl.preconditioning.table import CoefficientTable, jump_on_grid
 from apctl.sampling import heun_chain
 from apctl.schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from apctl.training.distributed import unwrap
 
 P_MEAN, P_STD = -1.2, 1.2
 RHO = 7.0
@@ -98,10 +99,6 @@ def adaptive_weight(loss_a: torch.Tensor, loss_b: torch.Tensor, weight: torch.Te
     grad_b, = torch.autograd.grad(loss_b, weight, retain_graph=True)
     ratio = grad_a.float().norm() / (grad_b.float().norm() + ADAPTIVE_EPS)
     return ratio.clamp(0.0, ADAPTIVE_MAX).detach()
-
-
-def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
 class _GridObjective:
@@ -168,7 +165,7 @@ class CTMObjective(_GridObjective):
         inner = jump_on_grid(self.table, student, x_t, i, j, labels)
         estimate = self.to_sigma_min(target, inner, j, labels)
         with torch.no_grad():
-            inner_net = _unwrap(student) if self.target_inner == "student" else target
+            inner_net = unwrap(student) if self.target_inner == "student" else target
             goal = self.to_sigma_min(target, jump_on_grid(self.table, inner_net, x_u, i + k, j, labels), j, labels)
         return self.distance(estimate, goal).mean()
 
@@ -187,7 +184,7 @@ class CTMObjective(_GridObjective):
         consistency = self.consistency(student, target, x0, labels, draws, shared_gen)
         dsm = self.dsm(student, x0, labels, draws)
         if self.dsm_weighting == "adaptive":
-            lam = adaptive_weight(consistency, dsm, _unwrap(student).output_weight())
+            lam = adaptive_weight(consistency, dsm, unwrap(student).output_weight())
         else:
             lam = torch.tensor(self.dsm_weight, device=x0.device)
         loss = consistency + lam * dsm
@@ -226,7 +223,7 @@ def build_objective(cfg: ObjectiveConfig, teacher, precond):
     if cfg.kind == "ect":
         from apctl.objectives.ect import ECTObjective
 
-        return ECTObjective(cfg.ect, grid)
+        return ECTObjective(cfg.ect)
     if cfg.kind == "edm":
         from apctl.objectives.edm import EDMObjective
 

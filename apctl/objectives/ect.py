@@ -24,13 +24,13 @@ student. Differences from the reference code: docs/math.md, "ECT".
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 from torch import nn
 
 from apctl.config import ECTObjectiveConfig
 from apctl.draws import as_draws
 from apctl.schedules import SIGMA_DATA, SIGMA_MIN
+from apctl.training.distributed import unwrap
 
 
 def stage_of(step: int, stage_iterations: int) -> int:
@@ -49,10 +49,6 @@ def r_of_t(t: torch.Tensor, stage: int, cfg: ECTObjectiveConfig) -> torch.Tensor
     return (t * (1 - gap_ratio(t, stage, cfg))).clamp(min=0)
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-
-
 def same_dropout_masks(device: torch.device):
     """A context after which torch's generators (the CPU one, and `device`'s if it is a GPU) are back
     where they were on entry: a pass inside it and the next pass after it draw the same dropout masks."""
@@ -62,11 +58,9 @@ def same_dropout_masks(device: torch.device):
 class ECTObjective:
     name = "ect"
 
-    def __init__(self, cfg: ECTObjectiveConfig, grid: np.ndarray, sigma_data: float = SIGMA_DATA):
+    def __init__(self, cfg: ECTObjectiveConfig, sigma_data: float = SIGMA_DATA):
         self.cfg = cfg
         self.sigma_data = sigma_data
-        # The run's sampler grid (σ lists snap to it); the loss itself draws t continuously.
-        self.grid = torch.as_tensor(np.asarray(grid, dtype=np.float64))
 
     def to(self, device) -> "ECTObjective":
         return self
@@ -97,7 +91,7 @@ class ECTObjective:
         with same_dropout_masks(x0.device):
             estimate = student(x0 + t.to(x0.dtype).view(shape) * eps, t, s, labels)
         with torch.no_grad():
-            goal = _unwrap(student)(x0 + r_net.to(x0.dtype).view(shape) * eps, r_net, s, labels)
+            goal = unwrap(student)(x0 + r_net.to(x0.dtype).view(shape) * eps, r_net, s, labels)
             goal = torch.where(clean.view(shape), x0, goal)
         loss = (self.weight(t, r) * self.distance(estimate, goal)).mean()
         return loss, {"loss": loss.detach(), "clean_goal_fraction": clean.float().mean()}

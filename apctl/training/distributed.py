@@ -12,6 +12,11 @@ import torch
 import torch.distributed as dist
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a DistributedDataParallel wrapper (passes without gradient call it directly)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def init() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -86,6 +86,14 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    @property
+    def grid(self) -> np.ndarray:
+        """The run's Karras grid (`objective.grid_points` levels, float64, host): CTM's and CD's pairs are
+        drawn on it, and every objective's sampler σ lists snap to it (`eval.sigmas = "grid"`)."""
+        from apctl.schedules import karras_sigmas
+
+        return karras_sigmas(self.cfg.objective.grid_points)
+
     def close(self) -> None:
         """Release the run directory (idempotent)."""
         if self.lock is not None:
@@ -450,7 +458,7 @@ def alignment_probe(run: Run, progress=None):
     try:
         with StopAtOnce("the teacher ODE reference of the alignment probe"):
             return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
-                                  e.seed, e.teacher_steps, run.objective.grid.numpy(), progress=progress,
+                                  e.seed, e.teacher_steps, run.grid, progress=progress,
                                   schedule=e.sigmas)
     except BaseException:
         run.abandon()          # a fresh run stopped here leaves nothing behind, as one that failed in prepare
@@ -465,7 +473,7 @@ def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np
     gen = torch.Generator().manual_seed(run.cfg.eval.seed)
     z = torch.randn((n, *run.teacher.shape), generator=gen)
     labels = class_labels(n, run.data_source.label_dim)
-    samples = student_sample(run.ema, run.precond, z.to(run.device), default_sigmas(nfe, run.objective.grid.numpy(), run.cfg.eval.sigmas),
+    samples = student_sample(run.ema, run.precond, z.to(run.device), default_sigmas(nfe, run.grid, run.cfg.eval.sigmas),
                              None if labels is None else labels.to(run.device))
     reference = run.teacher.sample(n, gen).float().cpu().numpy() if run.teacher.exact else None
     return samples.cpu().numpy(), reference
