@@ -92,15 +92,18 @@ class DataConfig:
 @dataclass
 class StudentConfig:
     """The network that trains. kind = "mlp" or "unet": a two-time student D_θ(x, t, s) for vectors or
-    images; kind = "denoiser": a one-time EDM denoiser D_θ(x, σ) (EDMPrecond around `network`), what
-    `apctl teacher train` trains."""
+    images; kind = "flow_map": iSD's velocity flow map F_θ(x_t, t, s) for vectors on the `transport`
+    interpolant (networks/flow_map.py); kind = "denoiser": a one-time EDM denoiser D_θ(x, σ)
+    (EDMPrecond around `network`), what `apctl teacher train` trains."""
 
-    kind: str = field(default="mlp", metadata=_choice("mlp", "unet", "denoiser"))
+    kind: str = field(default="mlp", metadata=_choice("mlp", "unet", "flow_map", "denoiser"))
     hidden: int = field(default=256, metadata=_range(1, MAX_WIDTH))
     depth: int = field(default=4, metadata=_range(1, MAX_DEPTH))
     embed_dim: int = field(default=64, metadata=_range(2, MAX_WIDTH))
     input_gain: float = field(default=1.0, metadata=_range(1e-3, 1e4))   # mlp: fixed gain on c_in·x (networks/mlp.py)
     activation: str = field(default="silu", metadata=_choice("silu", "relu"))   # mlp: the hidden units' nonlinearity
+    # flow_map: x_t = (1 − t)·x_0 + t·z ("linear") | cos τ·x_0 + sin τ·z, τ = 1.57·t ("trig", TrigFlow)
+    transport: str = field(default="linear", metadata=_choice("linear", "trig"))
     network: str = "tiny-songunet-16"
     init_from_teacher: bool = True
     dropout: float = field(default=-1.0, metadata=_range(-1.0, 1.0))   # < 0: the architecture's own rate
@@ -193,6 +196,24 @@ class ECTObjectiveConfig:
 
 
 @dataclass
+class ISDObjectiveConfig:
+    """iSD's own keys (Kim et al. 2026, improved self-distillation of flow maps). Defaults are
+    SNU-VGILab/improvedSelfDistillation's (`methods/isd.py`, `configs/base4.yaml`, whose run takes
+    guidance 5 on ImageNet). See docs/math.md, "iSD"."""
+
+    time_beta_a: float = field(default=0.8, metadata=_range(0.0, lo_open=True))   # t, s ~ Beta(a, 1), sorted
+    label_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))          # share of rows given no class
+    guidance: float = field(default=1.0, metadata=_range(0.0))    # w: FM goal u + w·(v − u), u the no-class velocity
+    # the tangent dF/dt along (v̂, ṫ): central difference (the released configs) | forward-mode JVP
+    tangent: str = field(default="difference", metadata=_choice("difference", "jvp"))
+    epsilon: float = field(default=0.005, metadata=_range(0.0, lo_open=True))     # the difference's half step
+    # trig: ṫ = 1 per unit τ as the reference code ("reference") | ṫ = 1/1.57, the flow's own rate ("consistent")
+    trig_tangent: str = field(default="reference", metadata=_choice("reference", "consistent"))
+    adaptive_p: float = field(default=1.0, metadata=_range(0.0))  # loss = mean ℓ/sg(ℓ + c)^p
+    adaptive_c: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass
 class ObjectiveConfig:
     """The training objective: the keys every kind shares, then one section per kind.
 
@@ -202,15 +223,16 @@ class ObjectiveConfig:
     """
 
     KINDS: ClassVar[dict[str, type]] = {"ctm": CTMObjectiveConfig, "cd": CDObjectiveConfig, "ect": ECTObjectiveConfig,
-                                        "edm": EDMObjectiveConfig}
+                                        "isd": ISDObjectiveConfig, "edm": EDMObjectiveConfig}
 
-    kind: str = field(default="ctm", metadata=_choice("ctm", "cd", "ect", "edm"))
+    kind: str = field(default="ctm", metadata=_choice("ctm", "cd", "ect", "isd", "edm"))
     grid_points: int = field(default=18, metadata=_range(2, MAX_GRID_POINTS))
     target_ema: float = field(default=0.999, metadata=_range(0.0, 1.0))
     distance: DistanceConfig = field(default_factory=DistanceConfig)
     ctm: Optional[CTMObjectiveConfig] = None
     cd: Optional[CDObjectiveConfig] = None
     ect: Optional[ECTObjectiveConfig] = None
+    isd: Optional[ISDObjectiveConfig] = None
     edm: Optional[EDMObjectiveConfig] = None
 
     def __post_init__(self) -> None:
@@ -427,6 +449,12 @@ def validate(cfg: Config, source: str) -> None:
     if o.kind == "ect" and cfg.student.kind != "unet":
         raise ConfigError(source, "objective.kind", "ECT tunes a one-time image denoiser: it needs student.kind = 'unet' "
                                                     "(a two-time UNet whose s-embedding stays at zero)")
+    if (o.kind == "isd") != (cfg.student.kind == "flow_map"):
+        raise ConfigError(source, "student.kind", "objective.kind = 'isd' trains student.kind = 'flow_map' (a velocity "
+                                                  "flow map), and a flow map trains only with the isd objective")
+    if o.kind == "isd" and cfg.precond.kind != "ctm":
+        raise ConfigError(source, "precond.kind", "iSD's flow map is the first-order jump (s/t, 1 − s/t) in σ: "
+                                                  "it needs precond.kind = 'ctm'")
     if o.kind == "ctm" and o.ctm.max_teacher_steps > o.grid_points - 1:
         raise ConfigError(source, "objective.ctm.max_teacher_steps", f"at most objective.grid_points − 1 = {o.grid_points - 1}")
     if o.distance.kind == "lpips" and o.distance.lpips_pooling == "avg" and o.distance.lpips_net != "vgg":

@@ -54,6 +54,7 @@ class GeneratorDraws:
 
     def __init__(self, generator: torch.Generator, n: int):
         self.generator, self.n = generator, int(n)
+        self.total = self.n          # the whole batch: rows() are 0 … n − 1
 
     def __len__(self) -> int:
         return self.n

@@ -81,9 +81,10 @@ def _student_parameters(cfg: Config, shape, label_dim: int, teacher: _TeacherFil
     from apctl.networks.student import build_student, parameter_count, student_architecture
 
     arch = student_architecture(cfg.student, shape, label_dim)
-    if arch["kind"] == "mlp":
+    if arch["kind"] in ("mlp", "flow_map"):
         count = parameter_count(arch)
-        return f"TwoTimeMLP {cfg.student.depth}×{cfg.student.hidden}: {count:,} parameters", count
+        name = "TwoTimeMLP" if arch["kind"] == "mlp" else f"FlowMapMLP ({cfg.student.transport} transport)"
+        return f"{name} {cfg.student.depth}×{cfg.student.hidden}: {count:,} parameters", count
     source = cfg.student.network
     if arch["kind"] == "unet" and cfg.student.init_from_teacher and teacher is not None and teacher.known:
         arch = {"kind": "unet", "init_kwargs": _as_edm_precond(teacher.class_name, teacher.init_kwargs)}
@@ -120,7 +121,7 @@ def _dropout(cfg: Config) -> str:
 
     if cfg.student.dropout >= 0:
         return f"{cfg.student.dropout:g} (student.dropout)"
-    if cfg.student.kind == "mlp":
+    if cfg.student.kind in ("mlp", "flow_map"):
         return "none (MLP)"
     rate = EDM_PRESET_KWARGS.get(cfg.student.network, {}).get("dropout")
     return "the architecture's own" + (f" ({rate:g})" if rate is not None else "")
@@ -316,6 +317,20 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
                           f"n(t) = {n}, stage j = ⌊step / {e.stage_iterations:,}⌋; d = {d}, weight {w}; "
                           "goal by the current θ (no grad, same dropout), no θ⁻, one-time D_θ (s-embedding frozen)"),
             ("preconditioning", f"{precond} (the sampler's jumps only)"),
+            ("grid", f"{grid_text} (the sampler's)"),
+            sampler_row,
+        ]
+    elif o.kind == "isd":
+        i = o.isd
+        tangent = (f"central difference, ε = {i.epsilon:g}" if i.tangent == "difference" else "forward-mode JVP")
+        if cfg.student.transport == "trig":
+            tangent += ", ṫ = 1 (the reference's)" if i.trig_tangent == "reference" else ", ṫ = 1/1.57 (per unit τ)"
+        rows += [
+            ("objective", f"iSD ({cfg.student.transport}): t, s ~ Beta({i.time_beta_a:g}, 1) sorted; flow matching on "
+                          f"the diagonal (guidance w = {i.guidance:g}, {i.label_dropout:g} of rows without a class) + "
+                          f"self-distillation to sg[F + dX/dt] ({tangent}); weight 1/sg(ℓ + {i.adaptive_c:g})^"
+                          f"{i.adaptive_p:g}; from data alone: no teacher in the loss, no θ⁻"),
+            ("preconditioning", f"{precond}: iSD's flow map in σ (the sampler's jumps only)"),
             ("grid", f"{grid_text} (the sampler's)"),
             sampler_row,
         ]

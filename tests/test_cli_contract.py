@@ -167,7 +167,7 @@ def test_cpu_presets_run_single_threaded(monkeypatch):
     from apctl.threads import chosen_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    for name in ("toy2d", "toy2d-ctm", "toy2d-cd", "digits", "digits-ctm", "digits-img", "digits-net",
+    for name in ("toy2d", "toy2d-ctm", "toy2d-cd", "toy2d-isd", "digits", "digits-ctm", "digits-img", "digits-net",
                  "digits-net-ctm", "digits-teacher"):
         cfg, _ = load_config(name)
         shape, labels = data_shape(cfg)

@@ -20,7 +20,7 @@ PRESET_FILES = sorted(PRESET_DIR.glob("*.toml"))
 
 def test_presets_are_shipped():
     names = {p.stem for p in PRESET_FILES}
-    assert {"toy2d", "toy2d-cd", "toy2d-ctm", "digits", "digits-img",
+    assert {"toy2d", "toy2d-cd", "toy2d-ctm", "toy2d-isd", "digits", "digits-img",
             "cifar10-uncond", "cifar10-cond", "ffhq64", "imagenet64"} <= names, names
 
 

@@ -200,19 +200,11 @@ def test_an_ect_run_keeps_a_one_time_student_and_no_target(tmp_path):
 
 def test_an_ect_run_resumed_equals_one_run_through(tmp_path, cli):
     """4 iterations (two stages) in one go, and 2 then 2 more by re-running: the same weights, bit for bit."""
-    from apctl.checkpoints import load_checkpoint, list_checkpoints
+    from resume_checks import assert_same_weights, whole_and_split
 
-    sets = [a for s in [*ECT_RUN, "training.iterations=4"] for a in ("--set", s)]
-    cli.ok(cli(["distill", "--preset", "digits-ect", "--out", "whole", *sets], tmp_path))
-    half = [a for s in [*ECT_RUN, "training.iterations=2"] for a in ("--set", s)]
-    cli.ok(cli(["distill", "--preset", "digits-ect", "--out", "split", *half], tmp_path))
-    cli.ok(cli(["distill", "--preset", "digits-ect", "--out", "split", *sets], tmp_path))
-    whole = load_checkpoint(list_checkpoints(tmp_path / "whole" / "checkpoints")[-1])
-    split = load_checkpoint(list_checkpoints(tmp_path / "split" / "checkpoints")[-1])
+    whole, split = whole_and_split(cli, tmp_path, "digits-ect", ECT_RUN, 4, 2)
     assert whole.step == split.step == 4
-    for group in ("student", "ema"):
-        a, b = whole.group(group), split.group(group)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(whole, split)
     assert not whole.group("target")
 
 

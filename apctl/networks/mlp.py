@@ -27,16 +27,30 @@ ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
 
 
 class SinusoidalEmbedding(nn.Module):
-    """[B] → [B, dim]: cos and sin of the input at geometrically spaced frequencies 1 … 1000."""
+    """[B] → [B, dim]: cos and sin of the input at geometrically spaced frequencies lowest … highest
+    (default 1 … 1000)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, lowest: float = 1.0, highest: float = 1000.0):
         super().__init__()
         half = dim // 2
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), half)), persistent=False)
+        freqs = torch.exp(torch.linspace(math.log(lowest), math.log(highest), half))
+        self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         angle = c[:, None].float() * self.freqs[None]
         return torch.cat([angle.cos(), angle.sin()], dim=1)
+
+
+def mlp_layers(width_in: int, hidden: int, depth: int, width_out: int, activation: str) -> tuple[nn.Sequential, nn.Linear]:
+    """`depth` hidden layers of `hidden` units, then a linear head that starts at zero (the network's
+    output is 0 at initialisation)."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(width_in if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
+    head = nn.Linear(hidden, width_out)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return nn.Sequential(*layers), head
 
 
 class TwoTimeMLP(nn.Module):
@@ -52,13 +66,7 @@ class TwoTimeMLP(nn.Module):
         self.embed = SinusoidalEmbedding(embed_dim)
         width_in = self.dim + 2 * (embed_dim // 2) * 2 + (hidden if label_dim else 0)
         self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            layers += [nn.Linear(width_in if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(hidden, self.dim)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.body, self.head = mlp_layers(width_in, hidden, depth, self.dim, activation)
 
     def output_weight(self) -> nn.Parameter:
         """The weight of the last layer (where CTM's adaptive DSM weight compares gradient norms)."""

@@ -1,4 +1,5 @@
-"""The two-time student D_θ(x, t, s) of the `[student]` section, fresh or from a checkpoint's architecture.
+"""The two-time student D_θ(x, t, s) of the `[student]` section, fresh or from a checkpoint's architecture
+(iSD's velocity flow map is one too: networks/flow_map.py).
 
 `student_architecture` returns plain data (saved in every checkpoint) and `build_student` turns it
 into modules, so a checkpoint rebuilds its student without the config that made it.
@@ -20,10 +21,11 @@ def student_architecture(cfg: StudentConfig, shape: tuple[int, ...], label_dim: 
     """The student's architecture: an MLP for vectors; for images the teacher network's own
     architecture when starting from it (`init_from_teacher`; the preset's `network` when planning
     without the teacher file), else the preset network resized to the data."""
-    if cfg.kind == "mlp":
-        return {"kind": "mlp", "shape": list(shape), "label_dim": label_dim, "hidden": cfg.hidden,
+    if cfg.kind in ("mlp", "flow_map"):
+        arch = {"kind": cfg.kind, "shape": list(shape), "label_dim": label_dim, "hidden": cfg.hidden,
                 "depth": cfg.depth, "embed_dim": cfg.embed_dim, "input_gain": cfg.input_gain,
                 "activation": cfg.activation}
+        return arch if cfg.kind == "mlp" else dict(arch, transport=cfg.transport)
     if cfg.kind == "denoiser":
         return {"kind": "denoiser", "init_kwargs": _preset_resized(cfg.network, shape, label_dim)}
     if cfg.init_from_teacher and teacher_network is not None:
@@ -55,6 +57,11 @@ def build_student(arch: dict[str, Any], teacher_network: nn.Module | None = None
         return TwoTimeMLP(tuple(arch["shape"]), arch["label_dim"], arch["hidden"], arch["depth"], arch["embed_dim"],
                           input_gain=arch.get("input_gain", 1.0),      # both absent in checkpoints
                           activation=arch.get("activation", "silu"))   # saved before the keys existed
+    if arch["kind"] == "flow_map":
+        from apctl.networks.flow_map import FlowMapMLP
+
+        return FlowMapMLP(tuple(arch["shape"]), arch["label_dim"], arch["hidden"], arch["depth"], arch["embed_dim"],
+                          arch["input_gain"], arch["activation"], arch["transport"])
     if arch["kind"] == "denoiser":
         from apctl.networks.registry import build_network
 
@@ -78,7 +85,7 @@ def parameter_count(arch: dict[str, Any]) -> int:
 
 def student_data_shape(arch: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     """(per-sample shape, label_dim) a student of `arch` takes."""
-    if arch["kind"] == "mlp":
+    if arch["kind"] in ("mlp", "flow_map"):
         return tuple(arch["shape"]), arch["label_dim"]
     k = arch["init_kwargs"]
     return (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim", 0)

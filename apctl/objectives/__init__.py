@@ -8,13 +8,14 @@ from apctl.objectives.consistency import CDObjective, CTMObjective, build_object
 
 def distills(cfg: ObjectiveConfig) -> bool:
     """Whether the objective trains a few-step student (two-time network, preconditioning, the
-    alignment probe against a teacher); EDM's denoiser loss (`apctl teacher train`) does not."""
-    return cfg.kind in ("ctm", "cd", "ect")
+    alignment probe against the teacher's ODE): CTM, CD, ECT and iSD (which trains from data alone; its
+    teacher serves the probe only); EDM's denoiser loss (`apctl teacher train`) does not."""
+    return cfg.kind in ("ctm", "cd", "ect", "isd")
 
 
 def uses_target(cfg: ObjectiveConfig) -> bool:
     """Whether the objective keeps a target network θ⁻ (an EMA of θ at objective.target_ema): CTM and
-    CD do; ECT's goal comes from the current θ without gradient, and EDM's loss has none."""
+    CD do; ECT's and iSD's goals come from the current θ without gradient, and EDM's loss has none."""
     return cfg.kind in ("ctm", "cd")
 
 

@@ -224,6 +224,10 @@ def build_objective(cfg: ObjectiveConfig, teacher, precond):
         from apctl.objectives.ect import ECTObjective
 
         return ECTObjective(cfg.ect)
+    if cfg.kind == "isd":
+        from apctl.objectives.isd import ISDObjective
+
+        return ISDObjective(cfg.isd)
     if cfg.kind == "edm":
         from apctl.objectives.edm import EDMObjective
 
