@@ -295,6 +295,21 @@ def test_training_step_on_the_device_network_teacher(tmp_path, monkeypatch, teac
         assert GENERATOR_STATES == [("get", CUDA), ("set", CUDA)]
 
 
+@pytest.mark.parametrize("transport", ["linear", "trig"])
+@pytest.mark.parametrize("tangent", ["difference", "jvp"])
+def test_an_isd_step_and_its_samples_on_the_device(tmp_path, monkeypatch, transport, tangent):
+    """iSD's step (the velocity passes, the tangent outside autocast, the goal) and the flow map's σ view sampled
+    by the engine's jump, on the device."""
+    keys = [k for k in TOY if not k.startswith(("precond.", "objective.ctm."))]
+    cfg, _ = load_config("toy2d-isd", keys + [f'student.transport="{transport}"', f'objective.isd.tangent="{tangent}"'])
+    run = prepare(cfg, tmp_path / f"toy-isd-{transport}-{tangent}")
+    logs = _fake_train_step(run, monkeypatch)
+    assert {"fm", "sd", "loss"} <= logs.keys()
+    with fake_mode(), seams(monkeypatch):
+        z = torch.randn((8, *run.teacher.shape), generator=torch.Generator().manual_seed(0)).to("cuda")
+        _check_device(student_sample(run.ema, run.precond, z, default_sigmas(2, run.grid)))
+
+
 # ------------------------------------------------------------------------------------------------
 # Statistics, sampling, the teacher sampler, the alignment probe
 
