@@ -345,3 +345,23 @@ def test_the_plan_states_isds_law(tmp_path, cli):
     assert "iSD (linear)" in linear and "central difference, ε = 0.005)" in linear and "ṫ" not in linear
     for row in ("target EMA", "max teacher Heun steps", "CTM rules"):
         assert row not in out
+
+
+def test_micro_batches_change_an_isd_step_only_by_rounding(tmp_path):
+    """One batch of 8 against 4 micro-batches of 2: every draw is keyed by the row's global index and ℓ is
+    weighted per sample, so after 4 steps θ and the EMA agree to rounding (RAdam: see tests/test_scale.py on
+    why not Adam's first step)."""
+    from apctl.training.run import prepare, train
+
+    def weights(name, per_device):
+        sets = [*ISD_RUN, "training.batch_size=8", "training.iterations=4", f"training.batch_per_device={per_device}",
+                'training.optimizer="radam"', "training.betas=[0.9, 0.999]", "run.threads=1"]
+        cfg, _ = load_config("toy2d-isd", sets)
+        run = train(prepare(cfg, tmp_path / name))
+        run.close()
+        return {f"{n}.{k}": v.clone() for n, net in (("student", run.student), ("ema", run.ema))
+                for k, v in net.state_dict().items()}
+
+    one, four = weights("one", 0), weights("four", 2)
+    assert one.keys() == four.keys()
+    assert all(torch.allclose(one[k], four[k], rtol=1e-5, atol=1e-6) for k in one)

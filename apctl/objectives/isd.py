@@ -24,6 +24,8 @@ Differences from the reference code: docs/math.md, "iSD".
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -45,7 +47,7 @@ def no_class_rows(draws, fraction: float) -> torch.Tensor:
     return draws.rows() >= draws.total - round(fraction * draws.total)
 
 
-def tangent(net: nn.Module, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels, direction: torch.Tensor,
+def tangent(net: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels, direction: torch.Tensor,
             t_rate: float, method: str, epsilon: float) -> torch.Tensor:
     """d/dλ F(x + λ·direction, t + λ·t_rate, s) at λ = 0, without gradient, in at least float32 and outside
     autocast (a bf16 difference has no digits left); `net` takes (x_t, t, s, labels) and returns F."""
