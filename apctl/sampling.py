@@ -105,6 +105,15 @@ def default_sigmas(nfe: int, grid: np.ndarray | None = None, schedule: str = "gr
     return [float(s) for s in sigmas]
 
 
+def sigma_lists(nfes: Sequence[int], grid: np.ndarray | None = None, schedule: str = "grid",
+                sigmas: Sequence[float] | None = None) -> list[list[float]]:
+    """The σ list of each NFE in `nfes` (`default_sigmas`), or, given `sigmas`, that one list (its NFE is
+    len(sigmas) − 1)."""
+    if sigmas is not None:
+        return [check_sigmas(sigmas)]
+    return [default_sigmas(nfe, grid, schedule) for nfe in nfes]
+
+
 def class_labels(n: int, label_dim: int, label: int | None = None) -> torch.Tensor | None:
     """One-hot labels (n, label_dim) on the CPU: every sample of class `label`, or classes cycling 0, 1, …;
     None for an unconditional student (label_dim = 0)."""

@@ -315,6 +315,19 @@ def test_eval_nfe_defaults_to_the_runs_eval_nfe_and_prints_strict_json(tiny):
     assert sorted(report["results"]) == ["nfe=3"]
 
 
+def test_eval_sigmas_measures_that_list_as_the_sampler_takes_it(tiny):
+    """`--sigmas` gives one row under its NFE (len − 1) with exactly those levels, overriding --nfe; on the
+    default 2-step list it reproduces the --nfe 2 row to the last digit, and another list measures another map."""
+    common = ("--ckpt", tiny / "run", "--json", "--n", "16", "--teacher-steps", "4")
+    by_nfe = _strict_loads(_invoke("eval", *common, "--nfe", "2"))["results"]["nfe=2"]
+    listed = ",".join(repr(s) for s in by_nfe["sigmas"])
+    by_list = _strict_loads(_invoke("eval", *common, "--nfe", "1,4", "--sigmas", listed))["results"]
+    assert list(by_list) == ["nfe=2"] and by_list["nfe=2"] == by_nfe
+    other = _strict_loads(_invoke("eval", *common, "--sigmas", "80,0.821,0.002"))["results"]
+    assert list(other) == ["nfe=2"] and other["nfe=2"]["sigmas"] == [80.0, 0.821, 0.002]
+    assert other["nfe=2"]["alignment_rms"] != by_nfe["alignment_rms"]
+
+
 def test_sample_of_an_unconditional_student_writes_labels(tiny):
     _invoke("sample", "--ckpt", tiny / "run", "--out", tiny / "s.npz", "--n", "5")
     with np.load(tiny / "s.npz") as f:

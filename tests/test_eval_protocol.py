@@ -296,6 +296,16 @@ def test_reference_command_then_two_processes_equal_one(tiny_runs, detector, tmp
     for key in ("reference_sha256", "detector_sha256", "weights_sha256", "sigmas", "gamma", "apctl_version", "seeds"):
         assert two["protocol"][key] == one["protocol"][key]
 
+    # An explicit σ list (`apctl eval --fid … --sigmas`) is its own protocol: the 1-step list written out is the
+    # same row from the same cache, another list is another row in another cache folder.
+    same = student_rows(trained, [], 4, ref, detector, cache_root=tmp_path / "one", chunk_size=1, batch_size=3,
+                        sigmas=one["protocol"]["sigmas"])[0]
+    assert same["fid"] == one["fid"] and same["protocol"] == one["protocol"]
+    other = student_rows(trained, [], 4, ref, detector, cache_root=tmp_path / "one", chunk_size=1, batch_size=3,
+                         sigmas=[80.0, 0.821, 0.002])[0]
+    assert other["protocol"]["sigmas"] == [80.0, 0.821, 0.002] and other["protocol"]["nfe"] == 2
+    assert len({c.parent.name for c in (tmp_path / "one").glob("*/chunk-*.npz")}) == 2
+
 
 # ----------------------------------------------------------------------------------------------
 # Curves

@@ -16,8 +16,9 @@ from apctl.errors import ApctlError
 def fid_table(ckpt: Path, nfes: Optional[list[int]], count: Optional[int], fid: str, with_teacher: bool,
               edm_steps: Optional[int], gamma: float, weights: str, inception_weights: Optional[Path], as_json: bool,
               device: str, sigma_schedule: Optional[str], batch: int, cache: Optional[Path], chunk: int,
-              threads: Optional[int] = None) -> None:
-    """`nfes` None: the run's eval.nfe; `threads` None: the run's run.threads (apctl.threads)."""
+              threads: Optional[int] = None, sigmas: Optional[list[float]] = None) -> None:
+    """`nfes` None: the run's eval.nfe; `threads` None: the run's run.threads (apctl.threads); `sigmas`: one row
+    for that σ list (then `nfes` is its NFE)."""
     from apctl.cli.ui import CountProgress
     from apctl.metrics.fid_protocol import reference_record
     from apctl.metrics.inception import load_inception
@@ -47,7 +48,7 @@ def fid_table(ckpt: Path, nfes: Optional[list[int]], count: Optional[int], fid: 
         if reference is None:
             reference = teacher_reference(trained, n, detector, steps=edm_steps, **shared)
         rows = student_rows(trained, nfes, n, reference, detector, weights=weights, gamma=gamma,
-                            schedule=sigma_schedule, **shared)
+                            schedule=sigma_schedule, sigmas=sigmas, **shared)
         teacher = teacher_row(trained, n, reference, detector, steps=edm_steps, **shared) if with_teacher else None
     finally:
         distributed.shutdown()

@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from apctl.cli import eval_curve, eval_ref
-from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, ThreadsOpt, Weights, WeightsOpt
+from apctl.cli.options import (DeviceOpt, SigmaSchedule, SigmaScheduleOpt, SigmasOpt, ThreadsOpt, Weights, WeightsOpt,
+                               parse_sigmas)
 from apctl.errors import ApctlError
 
 
@@ -50,6 +51,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table (strict JSON: a non-finite number is null)."),
     device: str = DeviceOpt,
     sigma_schedule: Optional[SigmaSchedule] = SigmaScheduleOpt,
+    sigmas: Optional[str] = SigmasOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Measure how closely a student follows its teacher's ODE (and its FID).
@@ -62,11 +64,14 @@ def evaluate(
     if ckpt is None:
         raise typer.BadParameter("a run directory or checkpoint is required", param_hint="'--ckpt'")
     nfes = _parse_nfes(nfe) if nfe is not None else None
+    levels = parse_sigmas(sigmas)
+    if levels is not None:
+        nfes = [len(levels) - 1]
     if fid is not None:
         from apctl.cli.eval_fid import fid_table
 
         return fid_table(ckpt, nfes, count, fid, teacher_row, edm_steps, gamma, weights, inception_weights, as_json,
-                         device, sigma_schedule, batch, cache, chunk, threads)
+                         device, sigma_schedule, batch, cache, chunk, threads, levels)
     if teacher_row:
         raise ApctlError("--teacher-row scores the teacher's FID: it needs --fid REF.npz")
     from apctl.cli.ui import ProgressCallback, console
@@ -86,7 +91,7 @@ def evaluate(
     probe = AlignmentProbe(teacher, trained.shape, count or e.n_samples, e.seed, teacher_steps or e.teacher_steps,
                            trained.label_dim, progress=None if as_json else ProgressCallback("teacher ODE reference"))
     results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma,
-                      schedule=sigma_schedule or trained.cfg.eval.sigmas)
+                      schedule=sigma_schedule or trained.cfg.eval.sigmas, sigmas=levels)
     report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,
               "precond": trained.cfg.precond.kind, "objective": trained.cfg.objective.kind,
               "n": probe.z.shape[0], "teacher_steps": teacher_steps or e.teacher_steps, "results": results}

@@ -7,6 +7,8 @@ from typing import Literal, Optional
 
 import typer
 
+from apctl.errors import ApctlError
+
 PresetOpt = typer.Option("toy2d", "--preset", "-p",
                          help="Preset name (see presets/) or a path to a .toml file.")
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
@@ -66,6 +68,24 @@ SigmaScheduleOpt = typer.Option(None, "--sigma-schedule",
                                 help="Default σ list of an NFE-n sample: 'karras' (CTM's exact sampler, e.g. NFE 2 = "
                                      "80 → 2.515 → 0.002) or 'grid' (inner levels snapped to the training grid). "
                                      "Default: the run's eval.sigmas.")
+
+SigmasOpt = typer.Option(None, "--sigmas", metavar="σ,σ,…",
+                         help="Explicit decreasing σ list, e.g. 80,0.821,0.002 (ECT's 2 steps) or 1255.8,1,0.002 (iSD's "
+                              "uniform t grid, trig); its NFE is its length − 1, and it overrides --nfe.")
+
+
+def parse_sigmas(text: Optional[str]) -> Optional[list[float]]:
+    """The σ list of `--sigmas` (checked: at least two positive, strictly decreasing levels), or None."""
+    from apctl.sampling import check_sigmas
+
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ApctlError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+    return check_sigmas(values)
+
 
 Weights = Literal["ema", "student", "target"]
 WeightsOpt = typer.Option("ema", "--weights", help="Which weights: the evaluation EMA, the raw student, or the target θ⁻.")

@@ -7,15 +7,9 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt, SigmaSchedule, SigmaScheduleOpt, ThreadsOpt, Weights, WeightsOpt
+from apctl.cli.options import (DeviceOpt, SigmaSchedule, SigmaScheduleOpt, SigmasOpt, ThreadsOpt, Weights, WeightsOpt,
+                               parse_sigmas)
 from apctl.errors import ApctlError
-
-
-def _parse_floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise ApctlError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def _teacher_reference(trained, count: int, labels, gen, device):
@@ -38,7 +32,7 @@ def sample(
     ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz (samples, labels: the class of each sample, −1 for an unconditional student; sigmas); a .png grid/scatter is written beside it."),
     nfe: int = typer.Option(2, "--nfe", "-n", help="Network evaluations: default σ list = Karras schedule of NFE+1 levels (snapped to the training grid unless the run's eval.sigmas = 'karras')."),
-    sigmas: Optional[str] = typer.Option(None, "--sigmas", help="Explicit decreasing σ list, e.g. 80,0.8,0.002 (overrides --nfe)."),
+    sigmas: Optional[str] = SigmasOpt,
     count: int = typer.Option(64, "--n", min=1, help="How many samples."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     gamma: float = typer.Option(0.0, "--gamma", min=0.0, max=1.0, help="CTM γ: 0 deterministic jumps, 1 CM-style re-noising."),
@@ -65,14 +59,14 @@ def sample(
     from apctl.networks.registry import count_parameters
     from apctl.plots import plot_samples
     from apctl.threads import apply_thread_policy
-    from apctl.sampling import check_sigmas, class_labels, default_sigmas, student_sample, teacher_sample
+    from apctl.sampling import class_labels, default_sigmas, student_sample, teacher_sample
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
     dev = resolve_device(device, "--device")
     trained = load_trained_student(ckpt, weights, dev)
     apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
-    sigma_list = check_sigmas(_parse_floats(sigmas, "--sigmas")) if sigmas else default_sigmas(nfe, trained.grid, sigma_schedule or trained.cfg.eval.sigmas)
+    sigma_list = parse_sigmas(sigmas) or default_sigmas(nfe, trained.grid, sigma_schedule or trained.cfg.eval.sigmas)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((count, *trained.shape), generator=gen)
     labels = None

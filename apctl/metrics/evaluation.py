@@ -8,13 +8,14 @@ import torch
 
 from apctl.errors import ApctlError
 from apctl.metrics.alignment import AlignmentProbe
-from apctl.sampling import default_sigmas, student_sample
+from apctl.sampling import sigma_lists, student_sample
 
 
 def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamma: float = 0.0,
             batch_size: int = 1024, fid_reference=None, inception_weights: str | None = None,
-            schedule: str = "grid") -> dict[str, dict]:
-    """{"nfe=N": {"alignment_rms", "sliced_w2", "sigmas"[, "fid"]}} for each NFE, from the probe's fixed noise.
+            schedule: str = "grid", sigmas: Sequence[float] | None = None) -> dict[str, dict]:
+    """{"nfe=N": {"alignment_rms", "sliced_w2", "sigmas"[, "fid"]}} for each NFE, from the probe's fixed noise
+    (`sigmas`: one explicit σ list instead, reported under its NFE, len − 1).
 
     With `fid_reference` ("teacher": the probe's teacher-ODE samples; or an EDM-style .npz of
     Inception statistics), image students also get the FID of their samples against it.
@@ -30,16 +31,16 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
         if fid_reference == "teacher":
             fid_reference = compute_reference_stats(probe.reference, weights_path=inception_weights, device=device)
     out = {}
-    for nfe in nfes:
-        sigmas = default_sigmas(nfe, grid, schedule)
+    for levels in sigma_lists(nfes, grid, schedule, sigmas):
+        nfe = len(levels) - 1
         gen = torch.Generator().manual_seed(0)
         chunks = []
         for start in range(0, probe.z.shape[0], batch_size):
             z = probe.z[start:start + batch_size].to(device)
             y = None if probe.labels is None else probe.labels[start:start + batch_size].to(device)
-            chunks.append(student_sample(net, precond, z, sigmas, y, gamma=gamma, generator=gen).cpu())
+            chunks.append(student_sample(net, precond, z, levels, y, gamma=gamma, generator=gen).cpu())
         samples = torch.cat(chunks)
-        out[f"nfe={nfe}"] = probe.measure(samples) | {"sigmas": sigmas}
+        out[f"nfe={nfe}"] = probe.measure(samples) | {"sigmas": levels}
         if fid_reference is not None:
             from apctl.metrics.fid import compute_fid
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from apctl.generation import StudentImages, TeacherEDMImages
 from apctl.metrics.fid_protocol import features_as_reference, model_features, score, weights_digest
-from apctl.sampling import default_sigmas
+from apctl.sampling import sigma_lists
 
 
 def run_dir_of(checkpoint_path: Path) -> Path:
@@ -30,18 +30,19 @@ def fid_image_count(eval_cfg, override: int | None = None) -> int:
 def student_rows(trained, nfes: Sequence[int], n: int, reference: dict, detector, *, weights: str = "ema",
                  gamma: float = 0.0, schedule: str | None = None, cache_root: Path | None = None,
                  chunk_size: int | None = None, batch_size: int = 64, rank: int = 0, world: int = 1, barrier=None,
-                 progress: Callable[[str], Callable[[int, int], None]] | None = None) -> list[dict | None]:
-    """One scored row per NFE for a `TrainedStudent`; `progress(label)` makes each row's progress callback."""
+                 progress: Callable[[str], Callable[[int, int], None]] | None = None,
+                 sigmas: Sequence[float] | None = None) -> list[dict | None]:
+    """One scored row per NFE for a `TrainedStudent` (`sigmas`: one row for that explicit σ list instead);
+    `progress(label)` makes each row's progress callback."""
     cache_root = cache_root or run_dir_of(trained.checkpoint.path) / "fid-cache"
     identity = {"checkpoint": str(Path(trained.checkpoint.path).resolve()), "step": trained.checkpoint.step,
                 "weights_sha256": weights_digest(trained.net)}
     rows = []
-    for nfe in nfes:
-        sigmas = default_sigmas(nfe, trained.grid, schedule or trained.cfg.eval.sigmas)
-        maker = StudentImages(trained.net, trained.precond, sigmas, gamma, trained.shape, trained.label_dim, weights)
+    for levels in sigma_lists(nfes, trained.grid, schedule or trained.cfg.eval.sigmas, sigmas):
+        maker = StudentImages(trained.net, trained.precond, levels, gamma, trained.shape, trained.label_dim, weights)
         rows.append(score(maker, identity, n, reference, detector, cache_root, chunk_size=chunk_size,
                           batch_size=batch_size, rank=rank, world=world, barrier=barrier,
-                          progress=progress(f"student NFE {nfe}") if progress else None))
+                          progress=progress(f"student NFE {len(levels) - 1}") if progress else None))
     return rows
 
 
