@@ -149,7 +149,7 @@ def _sd_on_the_exact_map(transport, **cfg):
     return logs
 
 
-@pytest.mark.parametrize("tangent_method, tol", [("jvp", 1e-18), ("difference", 1e-9)])
+@pytest.mark.parametrize("tangent_method, tol", [("jvp", 1e-24), ("difference", 1e-8)])   # seen: 8e-33, 9e-10
 def test_the_exact_linear_flow_map_is_a_fixed_point(tangent_method, tol):
     """On the true flow map the goal T = v̂ − (t − s)·dF equals F: the SD term vanishes (to the difference's
     O(ε²)), while the FM term (v against E[v | x_t]) does not."""
@@ -163,8 +163,8 @@ def test_the_exact_trig_flow_map_is_a_fixed_point_only_with_the_flows_own_rate()
     ṫ = 1 over-weights ∂F/∂t by 1.57 and moves the goal off it."""
     consistent = _sd_on_the_exact_map("trig", tangent="jvp", trig_tangent="consistent")
     reference = _sd_on_the_exact_map("trig", tangent="jvp", trig_tangent="reference")
-    assert float(consistent["sd"]) < 1e-18
-    assert float(reference["sd"]) > 1e-4
+    assert float(consistent["sd"]) < 1e-24                     # seen: 4e-33
+    assert float(reference["sd"]) > 1e-2                       # seen: 0.062, against FM 0.42 on the same map
 
 
 @pytest.mark.parametrize("name", ["linear", "trig"])
