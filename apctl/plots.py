@@ -32,8 +32,10 @@ PADDING_VALUE = 255      # white: black-background images (digits) stay visibly 
 MAX_GRID_IMAGES = 100    # a picture, not an archive: the .npz holds every sample
 
 # metrics.jsonl keys drawn in the loss panel (the objectives' loss terms), with their legend text. CTM's
-# total is L_CTM + λ·L_DSM, so the DSM curve (logged before λ) can sit above the total.
-LOSS_TERMS = {"loss": "total loss", "ctm": "CTM term", "dsm": "DSM term (before λ)"}
+# total is L_CTM + λ·L_DSM, so the DSM curve (logged before λ) can sit above the total; iSD's total is the
+# adaptively normalised mean of ℓ/(ℓ + c) (≈ 1), so its FM and SD terms are what move.
+LOSS_TERMS = {"loss": "total loss", "ctm": "CTM term", "dsm": "DSM term (before λ)",
+              "fm": "FM term (diagonal)", "sd": "SD term (self-distillation)"}
 ALIGNMENT_KEYS = {"align_nfe1": "1 step (1 NFE)", "align_nfe2": "2 steps (2 NFE)"}
 
 

@@ -174,6 +174,14 @@ def test_metrics_png_is_written_with_each_checkpoint_from_the_whole_log(tiny_run
         assert ax.get_xlabel() == "iteration" and ax.get_ylabel()
 
 
+def test_metrics_figure_draws_isds_fm_and_sd_terms():
+    """iSD logs its two terms as fm and sd (its total, ℓ/(ℓ + c) averaged, stays near 1): both are drawn, by name."""
+    rows = [{"step": k, "loss": 0.95, "fm": 0.7 - 0.01 * k, "sd": 0.001 * k} for k in (1, 2, 3)]
+    lines = {line.get_label(): line for line in figure_metrics(rows).axes[0].get_lines()}
+    assert set(lines) == {"total loss", "FM term (diagonal)", "SD term (self-distillation)"}
+    np.testing.assert_allclose(lines["SD term (self-distillation)"].get_ydata(), [0.001, 0.002, 0.003])
+
+
 def test_metrics_figure_skips_a_line_cut_short_and_has_one_panel_without_alignment(tmp_path):
     from apctl.plots import write_metrics_figure
 
