@@ -1,7 +1,7 @@
 """The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
 bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and short
 runs of bench/toy2d_ceiling.py, bench/toy2d_exact_goal.py (whose goal chain is checked against a closed form),
-bench/toy2d_teacher_start.py, bench/toy2d_teacher_grid.py and bench/objective_cost.py."""
+bench/toy2d_teacher_start.py, bench/toy2d_teacher_grid.py, bench/objective_cost.py and bench/isd_guidance.py."""
 
 from __future__ import annotations
 
@@ -246,3 +246,20 @@ def test_objective_cost_times_each_preset_against_the_first():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| toy2d") or line.startswith("| digits-ect")]
     assert [r[0].strip() for r in rows] == ["toy2d", "digits-ect"]
     assert rows[0][3].strip() == "1.000" and float(rows[1][3]) > 0
+
+
+def test_isd_guidance_scores_classes_by_the_nearest_mode(tmp_path):
+    """bench/isd_guidance.py: a sample on a mode of its class counts, on a mode of another class does not, and
+    one 4σ from every mode is beyond 3σ; then a 2-iteration run per w prints one row each."""
+    import numpy as np
+
+    bench = load("isd_guidance")
+    means = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    classes = np.array([0, 0, 1, 1])
+    samples = np.array([[0.01, 0.0], [0.0, 1.0], [0.5, 0.5]])     # mode 0 (class 0), mode 2 (class 1), far away
+    np.savez(tmp_path / "s.npz", samples=samples, labels=np.array([0, 0, 1]))
+    in_class, beyond = bench.class_shares(tmp_path / "s.npz", means, 0.1, classes)
+    assert in_class == 1 / 3 and beyond == 1 / 3       # the far sample is nearest a class-0 mode: not in class 1
+    rows = json_rows("isd_guidance.py", "--guidance", "1", "2", "--n", "16", "--set", "training.iterations=2",
+                     "--set", "training.eval_every=0")
+    assert [r["guidance"] for r in rows] == [1.0, 2.0] and all(0 <= r["in_class"] <= 1 for r in rows)
