@@ -78,10 +78,10 @@ def _student_parameters(cfg: Config, shape, label_dim: int, teacher: _TeacherFil
     import torch
 
     from apctl.networks.registry import count_parameters
-    from apctl.networks.student import build_student, parameter_count, student_architecture
+    from apctl.networks.student import MLP_KINDS, build_student, parameter_count, student_architecture
 
     arch = student_architecture(cfg.student, shape, label_dim)
-    if arch["kind"] in ("mlp", "flow_map"):
+    if arch["kind"] in MLP_KINDS:
         count = parameter_count(arch)
         name = "TwoTimeMLP" if arch["kind"] == "mlp" else f"FlowMapMLP ({cfg.student.transport} transport)"
         return f"{name} {cfg.student.depth}×{cfg.student.hidden}: {count:,} parameters", count
@@ -118,10 +118,11 @@ def data_shape(cfg: Config) -> tuple[tuple[int, ...], int]:
 def _dropout(cfg: Config) -> str:
     """The dropout rate the student trains with (θ and θ⁻ passes run in train mode)."""
     from apctl.networks.registry import EDM_PRESET_KWARGS
+    from apctl.networks.student import MLP_KINDS
 
     if cfg.student.dropout >= 0:
         return f"{cfg.student.dropout:g} (student.dropout)"
-    if cfg.student.kind in ("mlp", "flow_map"):
+    if cfg.student.kind in MLP_KINDS:
         return "none (MLP)"
     rate = EDM_PRESET_KWARGS.get(cfg.student.network, {}).get("dropout")
     return "the architecture's own" + (f" ({rate:g})" if rate is not None else "")

@@ -23,8 +23,6 @@ from apctl.preconditioning.build import build_preconditioning
 from apctl.presets import load_config
 from apctl.sampling import student_sample
 
-torch.set_default_dtype(torch.float32)
-
 
 def _random_flow_map(transport: str, label_dim: int = 0, dtype=torch.float64) -> FlowMapMLP:
     """A FlowMapMLP whose head is not zero (F ≠ 0 and depends on t, s and x)."""
@@ -236,16 +234,14 @@ def test_the_flow_matching_goal_is_the_guided_velocity(w):
     objective = ISDObjective(ISDObjectiveConfig(guidance=w))
     _, logs = objective(LabelVelocity(), None, x0, labels.clone(), torch.Generator().manual_seed(10), None)
     gen = torch.Generator().manual_seed(10)
-    first = torch.rand(B, generator=gen, dtype=torch.float64) ** 1.25
-    second = torch.rand(B, generator=gen, dtype=torch.float64) ** 1.25
-    t = torch.maximum(first, second).view(-1, 1)
+    for _ in ("t", "s"):           # drawn first, as the objective draws them; F here does not depend on them
+        torch.rand(B, generator=gen, dtype=torch.float64)
     z = torch.randn(B, 2, generator=gen).to(torch.float64)
     v = z - x0
     kept = labels.clone()
     kept[-2:] = 0
     F = kept @ LabelVelocity().A.T
     expected = ((F - w * v) ** 2).mean(1).mean()
-    assert t.max() <= 1
     torch.testing.assert_close(logs["fm"], expected, rtol=1e-12, atol=1e-12)
 
 

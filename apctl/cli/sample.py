@@ -52,6 +52,7 @@ def sample(
         raise ApctlError(f"--out must end in .npz, got {out}")
     if teacher_steps < 0 or teacher_steps == 1:
         raise ApctlError("--teacher-steps must be 0 (use the student) or at least 2")
+    explicit = parse_sigmas(sigmas)       # a bad list is one line before the checkpoint is read
     import numpy as np
     import torch
 
@@ -66,7 +67,7 @@ def sample(
     dev = resolve_device(device, "--device")
     trained = load_trained_student(ckpt, weights, dev)
     apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
-    sigma_list = parse_sigmas(sigmas) or default_sigmas(nfe, trained.grid, sigma_schedule or trained.cfg.eval.sigmas)
+    sigma_list = explicit or default_sigmas(nfe, trained.grid, sigma_schedule or trained.cfg.eval.sigmas)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((count, *trained.shape), generator=gen)
     labels = None

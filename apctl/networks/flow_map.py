@@ -25,12 +25,9 @@ is F_θ itself, the function the iSD objective trains.
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
-from apctl.networks.mlp import SinusoidalEmbedding, mlp_layers
+from apctl.networks.mlp import TwoTimeMLP
 
 TRIG_RATE = 1.57   # τ = 1.57·t: the reference code's rounding of π/2, kept for parity
 
@@ -103,50 +100,38 @@ class TrigTransport:
 TRANSPORTS = {"linear": LinearTransport(), "trig": TrigTransport()}
 
 
-class FlowMapMLP(nn.Module):
-    """F_θ(x_t, t, s, y) = head(body([g·x_t, emb(t), emb(s), W_y·y])) for vectors; the head starts at zero.
+class FlowMapMLP(TwoTimeMLP):
+    """TwoTimeMLP's network with a raw output: F_θ(x_t, t, s, y) = head(body([g·x_t, emb(t), emb(s), W_y·y]))
+    for vectors, the head starting at zero; no c_skip, c_out or c_in.
 
-    emb is the reference network's timestep embedding, cos and sin of the raw t ∈ [0, 1] at frequencies
-    10000^(−k/half) (DiT's, 1 down to 10⁻⁴): smooth in t, as the tangent's finite difference needs. g is
-    the fixed input gain of `TwoTimeMLP` (networks/mlp.py).
+    emb embeds the raw t ∈ [0, 1] at frequencies spaced geometrically from 10⁻⁴ to 1, as DiT's timestep
+    embedding in the reference network (10000^(−k/half)): smooth in t, as the tangent's finite difference
+    needs. g is TwoTimeMLP's fixed input gain (networks/mlp.py).
     """
 
     def __init__(self, shape: tuple[int, ...], label_dim: int = 0, hidden: int = 256, depth: int = 4,
                  embed_dim: int = 64, input_gain: float = 1.0, activation: str = "silu", transport: str = "linear"):
-        super().__init__()
-        self.shape = tuple(shape)
-        self.dim = math.prod(self.shape)
-        self.label_dim = label_dim
-        self.input_gain = input_gain
+        super().__init__(shape, label_dim, hidden, depth, embed_dim, input_gain=input_gain, activation=activation,
+                         time_frequencies=(1e-4, 1.0))
         self.transport = TRANSPORTS[transport]
-        self.embed = SinusoidalEmbedding(embed_dim, lowest=1e-4, highest=1.0)
-        self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
-        width_in = self.dim + 2 * (embed_dim // 2) * 2 + (hidden if label_dim else 0)
-        self.body, self.head = mlp_layers(width_in, hidden, depth, self.dim, activation)
-
-    def output_weight(self) -> nn.Parameter:
-        return self.head.weight
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """F_θ(x_t, t, s, y): x_t [B, *shape], t and s [B] in [0, 1]; labels [B, label_dim] (zeros: no class)."""
         flat = x_t.reshape(x_t.shape[0], -1).float()
-        features = [self.input_gain * flat, self.embed(t.float().reshape(-1)), self.embed(s.float().reshape(-1))]
-        if self.label_embed is not None:
-            features.append(self.label_embed(labels.float()))
-        return self.head(self.body(torch.cat(features, dim=1))).reshape(x_t.shape).to(x_t.dtype)
+        F = self.network(self.input_gain * flat, t.float().reshape(-1), s.float().reshape(-1), labels)
+        return F.reshape(x_t.shape).to(x_t.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None = None,
                 velocity: bool = False) -> torch.Tensor:
         """velocity=False: D_θ(x̃, σ_t, σ_s) in EDM's units (module docstring); velocity=True: F_θ(x_t, t, s)."""
         if velocity:
             return self.velocity(x, t, s, labels)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        batch = (x.shape[0],)
-        sigma_t = torch.broadcast_to(torch.as_tensor(t, device=x.device).to(torch.float64).reshape(-1), batch)
-        sigma_s = torch.broadcast_to(torch.as_tensor(s, device=x.device).to(torch.float64).reshape(-1), batch)
-        tt = self.transport.time_of_sigma(sigma_t)
-        ts = self.transport.time_of_sigma(sigma_s)
-        alpha = self.transport.coefficients(tt)[0]
-        x_t = (alpha.view(shape) * x.double()).to(x.dtype)
-        F = self.velocity(x_t, tt.to(x.dtype), ts.to(x.dtype), labels)
-        return self.transport.denoised(x_t.double(), F.double(), tt.view(shape)).to(x.dtype)
+        shape, batch = (-1,) + (1,) * (x.dim() - 1), (x.shape[0],)
+
+        def time_of(sigma):       # per-sample t of σ, converted in float64 (atan of σ up to ~1256), used in x's dtype
+            sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64).reshape(-1)
+            return torch.broadcast_to(self.transport.time_of_sigma(sigma), batch).to(x.dtype)
+
+        t_t, t_s = time_of(t), time_of(s)
+        x_t = self.transport.coefficients(t_t.view(shape))[0] * x
+        return self.transport.denoised(x_t, self.velocity(x_t, t_t, t_s, labels), t_t.view(shape))

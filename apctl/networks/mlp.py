@@ -41,45 +41,43 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([angle.cos(), angle.sin()], dim=1)
 
 
-def mlp_layers(width_in: int, hidden: int, depth: int, width_out: int, activation: str) -> tuple[nn.Sequential, nn.Linear]:
-    """`depth` hidden layers of `hidden` units, then a linear head that starts at zero (the network's
-    output is 0 at initialisation)."""
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers += [nn.Linear(width_in if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
-    head = nn.Linear(hidden, width_out)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    return nn.Sequential(*layers), head
-
-
 class TwoTimeMLP(nn.Module):
     def __init__(self, shape: tuple[int, ...], label_dim: int = 0, hidden: int = 256, depth: int = 4,
                  embed_dim: int = 64, sigma_data: float = SIGMA_DATA, input_gain: float = 1.0,
-                 activation: str = "silu"):
+                 activation: str = "silu", time_frequencies: tuple[float, float] = (1.0, 1000.0)):
         super().__init__()
         self.input_gain = input_gain
         self.shape = tuple(shape)
         self.dim = math.prod(self.shape)
         self.label_dim = label_dim
         self.sigma_data = sigma_data
-        self.embed = SinusoidalEmbedding(embed_dim)
+        self.embed = SinusoidalEmbedding(embed_dim, *time_frequencies)
         width_in = self.dim + 2 * (embed_dim // 2) * 2 + (hidden if label_dim else 0)
         self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
-        self.body, self.head = mlp_layers(width_in, hidden, depth, self.dim, activation)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(width_in if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, self.dim)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def output_weight(self) -> nn.Parameter:
         """The weight of the last layer (where CTM's adaptive DSM weight compares gradient norms)."""
         return self.head.weight
 
+    def network(self, x_in: torch.Tensor, t_in: torch.Tensor, s_in: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """F_θ = head(body([x_in, emb(t_in), emb(s_in), W_y·y])): x_in [B, dim] the scaled input (g·c_in·x here),
+        t_in and s_in [B] the values the time embedding sees."""
+        features = [x_in, self.embed(t_in), self.embed(s_in)]
+        if self.label_embed is not None:
+            features.append(self.label_embed(labels.float()))
+        return self.head(self.body(torch.cat(features, dim=1)))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1).float()
         t = t.float().reshape(-1, 1)
         s = s.float().reshape(-1)
-        features = [self.input_gain * c_in(t, self.sigma_data) * flat,
-                    self.embed(c_noise(t.reshape(-1))), self.embed(c_noise(s))]
-        if self.label_embed is not None:
-            features.append(self.label_embed(labels.float()))
-        F = self.head(self.body(torch.cat(features, dim=1)))
+        F = self.network(self.input_gain * c_in(t, self.sigma_data) * flat, c_noise(t.reshape(-1)), c_noise(s), labels)
         D = c_skip(t, self.sigma_data) * flat + c_out(t, self.sigma_data) * F
         return D.reshape(x.shape).to(x.dtype)

@@ -15,13 +15,15 @@ from apctl.config import StudentConfig
 from apctl.errors import ApctlError
 from apctl.networks.mlp import TwoTimeMLP
 
+MLP_KINDS = ("mlp", "flow_map")     # students over vectors: architecture = the MLP's keys, no image network
+
 
 def student_architecture(cfg: StudentConfig, shape: tuple[int, ...], label_dim: int,
                          teacher_network: nn.Module | None = None) -> dict[str, Any]:
     """The student's architecture: an MLP for vectors; for images the teacher network's own
     architecture when starting from it (`init_from_teacher`; the preset's `network` when planning
     without the teacher file), else the preset network resized to the data."""
-    if cfg.kind in ("mlp", "flow_map"):
+    if cfg.kind in MLP_KINDS:
         arch = {"kind": cfg.kind, "shape": list(shape), "label_dim": label_dim, "hidden": cfg.hidden,
                 "depth": cfg.depth, "embed_dim": cfg.embed_dim, "input_gain": cfg.input_gain,
                 "activation": cfg.activation}
@@ -85,7 +87,7 @@ def parameter_count(arch: dict[str, Any]) -> int:
 
 def student_data_shape(arch: dict[str, Any]) -> tuple[tuple[int, ...], int]:
     """(per-sample shape, label_dim) a student of `arch` takes."""
-    if arch["kind"] in ("mlp", "flow_map"):
+    if arch["kind"] in MLP_KINDS:
         return tuple(arch["shape"]), arch["label_dim"]
     k = arch["init_kwargs"]
     return (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim", 0)
