@@ -1,7 +1,8 @@
 """The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
 bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and short
 runs of bench/toy2d_ceiling.py, bench/toy2d_exact_goal.py (whose goal chain is checked against a closed form),
-bench/toy2d_teacher_start.py, bench/toy2d_teacher_grid.py, bench/objective_cost.py and bench/isd_guidance.py."""
+bench/toy2d_teacher_start.py, bench/toy2d_teacher_grid.py, bench/objective_cost.py and bench/isd_guidance.py, and
+bench/toy2d_default.py's time reference (toy2d as issue 9 found it)."""
 
 from __future__ import annotations
 
@@ -263,3 +264,33 @@ def test_isd_guidance_scores_classes_by_the_nearest_mode(tmp_path):
     rows = json_rows("isd_guidance.py", "--guidance", "1", "2", "--n", "16", "--set", "training.iterations=2",
                      "--set", "training.eval_every=0")
     assert [r["guidance"] for r in rows] == [1.0, 2.0] and all(0 <= r["in_class"] <= 1 for r in rows)
+
+
+def test_toy2d_issue_time_reference_is_the_preset_issue_9_was_filed_against():
+    """bench/toy2d_default.py --reference times toy2d as issue 9 found it: today's preset with ISSUE_TIME_PRESET
+    applied must resolve to presets/toy2d.toml of commit 6f84324 (its values, and the defaults it left unset),
+    whatever the shipped preset has moved to since."""
+    from apctl.presets import load_config
+
+    cfg, _ = load_config("toy2d", load("toy2d_default").ISSUE_TIME_PRESET)
+    s, o, t, st = cfg.student, cfg.objective, cfg.training, cfg.precond.statistics
+    assert (s.kind, s.hidden, s.depth, s.embed_dim, s.input_gain, s.activation) == ("mlp", 256, 4, 64, 1.0, "silu")
+    assert (o.kind, o.grid_points, o.ctm.max_teacher_steps, o.distance.kind, o.ctm.dsm_weight, o.target_ema) == \
+        ("ctm", 18, 17, "l2", 1.0, 0.99)
+    assert (t.iterations, t.batch_size, t.lr, t.optimizer, list(t.betas), t.lr_schedule, t.lr_warmup) == \
+        (4000, 256, 1e-3, "radam", [0.9, 0.999], "constant", 0)
+    assert (t.ema_decay, t.eval_every, t.checkpoint_every, t.precision) == (0.99, 500, 1000, "fp32")
+    assert (cfg.precond.kind, cfg.precond.form, st.n_points, st.n_samples) == ("analytic", "backward", 120, 4096)
+    assert (cfg.eval.n_samples, cfg.eval.teacher_steps) == (2048, 256)
+
+
+def test_toy2d_default_reference_row_and_cpu_ratios():
+    """--reference: the issue-time run first (marked, with ISSUE_TIME_PRESET's keys, the first seed), then each
+    seed's row with its CPU time over the reference's."""
+    bench = load("toy2d_default")
+    tiny = [a for a in TINY_DISTILL[2:] if a != "--set"]
+    reference, row = json_rows("toy2d_default.py", *TINY_DISTILL, "--seeds", "1", "--reference",
+                               *[arg for key in tiny for arg in ("--reference-set", key)])
+    assert reference["reference"] is True and reference["sets"][:len(bench.ISSUE_TIME_PRESET)] == bench.ISSUE_TIME_PRESET
+    assert reference["seed"] == row["seed"] == 1 and "reference" not in row and row["step"] == 3
+    assert row["cpu_ratio"] == round(row["cpu_s"] / reference["cpu_s"], 3)

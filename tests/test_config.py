@@ -181,16 +181,16 @@ def test_dry_run_finds_teachers_where_distill_looks(tmp_path, monkeypatch):
 
 def test_plan_states_the_optimizer_and_the_learning_rate_schedule():
     """The plan's optimizer row names the optimizer, its β and the schedule the run will follow: toy2d's
-    Adam holds lr over half of its 2,800 steps (decay from step 1,400); a warm-up and no hold decay from
+    Adam holds lr over 30% of its 8,000 steps (decay from step 2,400); a warm-up and no hold decay from
     the warm-up's end."""
     from apctl.plan import describe_plan
 
     cfg, path = load_config("toy2d")
-    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "adam (β 0.9, 0.99), lr 0.004, linear decay from step 1,400 to 0·lr"
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "adam (β 0.9, 0.99), lr 0.003, linear decay from step 2,400 to 0·lr"
     cfg, path = load_config("toy2d", ["training.lr_warmup=100", "training.lr_hold=0", 'training.lr_schedule="cosine"'])
-    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "adam (β 0.9, 0.99), lr 0.004, warm-up 100 steps, cosine decay to 0·lr"
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "adam (β 0.9, 0.99), lr 0.003, warm-up 100 steps, cosine decay to 0·lr"
     cfg, path = load_config("toy2d", ['training.lr_schedule="constant"', 'training.optimizer="radam"', "training.betas=[0.9, 0.999]"])
-    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam (β 0.9, 0.999), lr 0.004"
+    assert dict(describe_plan(cfg, path, Path("out")))["optimizer"] == "radam (β 0.9, 0.999), lr 0.003"
 
 
 def test_dry_run_parameter_count_matches_the_student_that_trains():

@@ -28,10 +28,10 @@ def test_a_run_under_a_log_file_is_followable(tmp_path, cli):
     assert all({"time", "lr", "peak_memory_mb", "grad_norm"} <= r.keys() for r in trained)
     from apctl.presets import load_config
 
-    tc = load_config("toy2d")[0].training                # lr held over the first 10 of 20 steps, then linear to 0
-    assert tc.lr_schedule == "linear" and tc.lr_warmup == 0 and tc.lr_hold == 0.5
+    tc = load_config("toy2d")[0].training                # lr held over the first 6 of 20 steps, then linear to 0
+    assert tc.lr_schedule == "linear" and tc.lr_warmup == 0 and tc.lr_hold == 0.3
     # a row at step k logs the rate of the last step taken, k − 1 (training/schedule.py)
-    assert all(math.isclose(r["lr"], tc.lr * min(1.0, 1 - (r["step"] - 1 - 10) / 10), rel_tol=1e-12)
+    assert all(math.isclose(r["lr"], tc.lr * min(1.0, 1 - (r["step"] - 1 - 6) / 14), rel_tol=1e-12)
                and r["peak_memory_mb"] > 0 for r in trained), [r["lr"] for r in trained]
     last = out.strip().splitlines()[-1]
     assert last.startswith("alignment RMS vs teacher ODE at step 20:"), last
