@@ -58,6 +58,8 @@ def test_help(path):
     assert result.exit_code == 0, result.output
     for word in HELP[path]:
         assert word in result.output, f"{word!r} missing from `apctl {' '.join(path)} --help`:\n{result.output}"
+    # an option's value is named for what it is (N, γ, PATH), not by click's type ("<int range>")
+    assert "range>" not in result.output, result.output
 
 
 def test_no_arguments_shows_help():

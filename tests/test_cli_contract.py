@@ -361,3 +361,25 @@ def test_precond_inspect_json_csv_and_table_in_full(tiny):
     # not a terminal (rich would assume 80 columns): the table is printed whole, no cell cut short
     table = _invoke("precond", "inspect", stats)
     assert "…" not in table and f"{expected[5]['l']:.4f}" in table and f"{expected[5]['s']:+.4f}" in table
+
+
+def test_precond_inspect_takes_the_grid_and_form_of_the_run_it_sits_in(tiny):
+    """STATS beside a run's config.toml: --grid and --form default to that run's objective.grid_points (toy2d: 26)
+    and precond.form, and the table says so; given options win; a file outside a run directory gets N = 18."""
+    import shutil
+
+    from apctl.presets import load_config
+
+    run = tiny / "run"
+    shutil.copy(tiny / "stats.safetensors", run / "precond_stats.safetensors")
+    cfg, _ = load_config(str(run / "config.toml"))
+    assert cfg.objective.grid_points == 26
+    in_run = _strict_loads(_invoke("precond", "inspect", run / "precond_stats.safetensors", "--json"))
+    assert (in_run["grid"], in_run["form"], len(in_run["rows"])) == (26, cfg.precond.form, 26)
+    assert "N = 26 Karras grid" in _invoke("precond", "inspect", run / "precond_stats.safetensors") and "run/config.toml" in \
+        _invoke("precond", "inspect", run / "precond_stats.safetensors")
+    given = _strict_loads(_invoke("precond", "inspect", run / "precond_stats.safetensors", "--json", "--grid", "18",
+                                  "--form", "forward"))
+    assert (given["grid"], given["form"], len(given["rows"])) == (18, "forward", 18)
+    alone = _strict_loads(_invoke("precond", "inspect", tiny / "stats.safetensors", "--json"))
+    assert (alone["grid"], alone["form"]) == (18, "backward")

@@ -14,9 +14,26 @@ from apctl.errors import ApctlError
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Estimate, plot and inspect Analytic-Precond's statistics l_σ, s_σ and coefficients f, g.")
 
-GridOpt = typer.Option(18, "--grid", min=2, help="Karras grid size N for the comparison (18: CIFAR-10/FFHQ, 40: ImageNet).")
+GridOpt = typer.Option(None, "--grid", metavar="N", min=2, show_default=False,
+                       help="Karras grid size N for the comparison. Default: the run's objective.grid_points when STATS "
+                            "sits in a run directory (beside its config.toml), else 18 (CIFAR-10/FFHQ; ImageNet: 40).")
 Form = Literal["backward", "forward"]
-FormOpt = typer.Option("backward", "--form", help="Analytic-Precond's form: backward (recommended) or forward.")
+FormOpt = typer.Option(None, "--form", show_default=False,
+                       help="Analytic-Precond's form: backward or forward. Default: the run's precond.form when STATS "
+                            "sits in a run directory, else backward (recommended).")
+DEFAULT_GRID, DEFAULT_FORM = 18, "backward"
+
+
+def grid_and_form(stats_file: Path, grid: int | None, form: str | None) -> tuple[int, str, str]:
+    """(N, form, note): the options as given; where one is not, the run's own when `stats_file` sits in a run
+    directory (beside its config.toml; the note then names that file), else N = 18 (CIFAR-10's) and backward."""
+    config = stats_file.parent / "config.toml"
+    if (grid is not None and form is not None) or not config.is_file():
+        return grid or DEFAULT_GRID, form or DEFAULT_FORM, ""
+    from apctl.presets import load_config
+
+    run, _ = load_config(str(config))
+    return grid or run.objective.grid_points, form or run.precond.form, f"as in {stats_file.parent.name}/config.toml"
 
 
 @app.callback()
@@ -70,8 +87,8 @@ def compute(
 def plot(
     stats_file: Path = typer.Argument(..., metavar="STATS", help="Statistics file from `apctl precond compute`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure to write (.png, .pdf or .svg); required."),
-    grid: int = GridOpt,
-    form: Form = FormOpt,
+    grid: Optional[int] = GridOpt,
+    form: Optional[Form] = FormOpt,
     output_alias: Optional[Path] = OutputAliasOpt,
 ) -> None:
     """Plot l_σ, s_σ and f, g against CTM's and CM's.
@@ -87,6 +104,7 @@ def plot(
     from apctl.schedules import karras_sigmas
 
     stats = load_statistics(stats_file)
+    grid, form, _ = grid_and_form(stats_file, grid, form)
     output.parent.mkdir(parents=True, exist_ok=True)
     plot_coefficients(stats, output, karras_sigmas(grid), form, stats_file.name)
     console.print(f"figure → {output}")
@@ -95,8 +113,8 @@ def plot(
 @app.command("inspect")
 def inspect(
     stats_file: Path = typer.Argument(..., metavar="STATS", help="Statistics file from `apctl precond compute`."),
-    grid: int = GridOpt,
-    form: Form = FormOpt,
+    grid: Optional[int] = GridOpt,
+    form: Optional[Form] = FormOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (full-precision numbers) instead of a table."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV (a header, then one row per grid level; full precision)."),
 ) -> None:
@@ -113,6 +131,7 @@ def inspect(
     from apctl.schedules import karras_sigmas
 
     stats = load_statistics(stats_file)
+    grid, form, note = grid_and_form(stats_file, grid, form)
     rows = coefficient_rows(stats, karras_sigmas(grid), form)
     if as_json:
         from apctl.strict_json import dumps
@@ -131,7 +150,7 @@ def inspect(
     console.print(f"teacher {stats.teacher_fingerprint}; {len(stats.lam)} λ-levels; settings {stats.settings}",
                   soft_wrap=True)
     fmt = lambda fg: f"{fg[0]:.4f}, {fg[1]:.4f}"  # noqa: E731
-    table = Table(title=f"(f, g) on the N = {grid} Karras grid, Analytic-Precond {form} form")
+    table = Table(title=f"(f, g) on the N = {grid} Karras grid, Analytic-Precond {form} form" + (f" ({note})" if note else ""))
     for col in ("σ", "l", "s", "AP t→σmin", "CTM t→σmin", "CM t→σmin", "AP σmax→t", "CTM σmax→t", "CM σmax→t"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
