@@ -244,6 +244,7 @@ def _distance(cfg: Config) -> tuple[str, str | None]:
 def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
     """The rows of the plan and the warnings (module docstring)."""
     from apctl.checkpoints import list_checkpoints
+    from apctl.objectives.kinds import uses_distance
     from apctl.schedules import karras_sigmas
     from apctl.threads import SMALL_NETWORK_PARAMETERS, chosen_threads
 
@@ -287,7 +288,7 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
 
     grid = karras_sigmas(o.grid_points)
     c = o.ctm
-    distance, warning = _distance(cfg) if o.kind in ("ctm", "cd") else ("", None)
+    distance, warning = _distance(cfg) if uses_distance(o) else ("", None)
     warnings += [warning] if warning else []
     precond = {"analytic": f"Analytic-Precond ({p.form} form, {p.statistics.n_points} λ-points × "
                            f"{p.statistics.n_samples} samples)", "ctm": "CTM (s/t, 1 − s/t)",

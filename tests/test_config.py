@@ -460,3 +460,17 @@ def test_the_choices_a_key_accepts_are_the_names_its_builder_knows(section, key,
     module, table = builders.split(":")
     field, = (f for f in dataclasses.fields(getattr(apctl.config, section)) if f.name == key)
     assert set(field.metadata["choices"]) == set(getattr(importlib.import_module(module), table))
+
+
+def test_only_the_kinds_that_use_the_distance_section_plan_one():
+    """[objective.distance] serves CTM and CD alone: their plan names it; the plans of ECT, iSD and EDM's loss,
+    which set their losses in their own sections, do not."""
+    from apctl.objectives import uses_distance
+    from apctl.plan import describe_plan
+
+    for name, kind in [("toy2d", "ctm"), ("toy2d-cd", "cd"), ("digits-ect", "ect"), ("toy2d-isd", "isd"),
+                       ("digits-teacher", "edm")]:
+        cfg, path = load_config(name)
+        assert cfg.objective.kind == kind and uses_distance(cfg.objective) == (kind in ("ctm", "cd"))
+        planned = dict(describe_plan(cfg, path, Path("out")))["objective"]
+        assert (", distance " in planned) == uses_distance(cfg.objective), planned

@@ -2,27 +2,8 @@
 `objective(student, target, x0, labels, gen, shared_gen, step) -> (loss, logs)`; `step` (the
 iteration, 0-based) matters only to objectives whose law changes over the run (ECT's stages)."""
 
-from apctl.config import ObjectiveConfig
 from apctl.objectives.consistency import CDObjective, CTMObjective, build_objective
+from apctl.objectives.kinds import distills, one_time, uses_distance, uses_target
 
 
-def distills(cfg: ObjectiveConfig) -> bool:
-    """Whether the objective trains a few-step student (two-time network, preconditioning, the
-    alignment probe against the teacher's ODE): CTM, CD, ECT and iSD (which trains from data alone; its
-    teacher serves the probe only); EDM's denoiser loss (`apctl teacher train`) does not."""
-    return cfg.kind in ("ctm", "cd", "ect", "isd")
-
-
-def uses_target(cfg: ObjectiveConfig) -> bool:
-    """Whether the objective keeps a target network θ⁻ (an EMA of θ at objective.target_ema): CTM and
-    CD do; ECT's and iSD's goals come from the current θ without gradient, and EDM's loss has none."""
-    return cfg.kind in ("ctm", "cd")
-
-
-def one_time(cfg: ObjectiveConfig) -> bool:
-    """Whether the objective trains a one-time denoiser D_θ(x, t) in the two-time student (ECT): the run
-    freezes the student's s-embedding at zero, so D_θ(x, t, s) does not depend on s."""
-    return cfg.kind == "ect"
-
-
-__all__ = ["CDObjective", "CTMObjective", "build_objective", "distills", "one_time", "uses_target"]
+__all__ = ["CDObjective", "CTMObjective", "build_objective", "distills", "one_time", "uses_distance", "uses_target"]

@@ -40,6 +40,7 @@ from apctl.config import ObjectiveConfig
 from apctl.draws import as_draws
 from apctl.errors import ApctlError
 from apctl.objectives.distances import build_distance
+from apctl.objectives.kinds import uses_distance
 from apctl.preconditioning.table import CoefficientTable, jump_on_grid
 from apctl.sampling import heun_chain
 from apctl.schedules import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
@@ -213,7 +214,7 @@ class CDObjective(_GridObjective):
 def build_objective(cfg: ObjectiveConfig, teacher, precond):
     """The objective of the `[objective]` section: shared keys here, the kind's own keys from its section."""
     grid = karras_sigmas(cfg.grid_points)
-    distance = build_distance(cfg.distance) if cfg.kind in ("ctm", "cd") else None
+    distance = build_distance(cfg.distance) if uses_distance(cfg) else None
     if cfg.kind == "ctm":
         c = cfg.ctm
         return CTMObjective(teacher, precond, grid, distance, c.max_teacher_steps, c.teacher_steps_law,
