@@ -157,10 +157,12 @@ class TrainingReporter:
 
     def step(self, step: int, logs: dict) -> None:
         info = ""
-        if "loss" in logs:
+        if "fm" in logs and "sd" in logs:      # iSD: its adaptively normalised total stays near 1 and says nothing
+            info = f"fm {logs['fm']:.4g} · sd {logs['sd']:.4g}"
+        elif "loss" in logs:
             info = f"loss {logs['loss']:.4g}"
-            if "align_nfe2" in logs:
-                info += f" · align@2 {logs['align_nfe2']:.4f}"
+        if info and "align_nfe2" in logs:
+            info += f" · align@2 {logs['align_nfe2']:.4f}"
         self.phase.update(step, info)
 
     def finish(self) -> None:
