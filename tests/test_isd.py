@@ -7,6 +7,7 @@ recomputed from the same draws, and the run around it (no θ⁻, resume by re-ru
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -364,3 +365,33 @@ def test_micro_batches_change_an_isd_step_only_by_rounding(tmp_path):
     one, four = weights("one", 0), weights("four", 2)
     assert one.keys() == four.keys()
     assert all(torch.allclose(one[k], four[k], rtol=1e-5, atol=1e-6) for k in one)
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_does_with_the_global_batchs_null_rows(tmp_path, cli):
+    """torchrun, 2 processes (gloo) × 4 rows, against 1 process × the whole batch of 8, on the class-conditional
+    ring with guidance w = 2 and 2 of the 8 rows without a class: the no-class rows are the last of the *global*
+    batch (all on rank 1), so the two runs' weights agree within float rounding after 2 steps (choosing them in
+    each rank's share instead drops rows on rank 0 too, and fails this)."""
+    from test_distributed import _torchrun_or_skip, describe, torchrun
+
+    from apctl.checkpoints import list_checkpoints, load_checkpoint
+
+    _torchrun_or_skip()
+    sets = [*ISD_RUN, "training.iterations=2", "training.batch_size=8", "teacher.classes=[0,0,1,1,2,2,3,3]",
+            "data.class_conditional=true", "objective.isd.guidance=2", "objective.isd.label_dropout=0.25",
+            "training.log_every=2"]
+    args = ["distill", "--preset", "toy2d-isd", *[a for s in sets for a in ("--set", s)]]
+    two = torchrun([*args, "--out", "two"], tmp_path, cli)
+    assert two.returncode == 0, describe(two)
+    cli.ok(cli([*args, "--out", "one"], tmp_path))
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / name / "checkpoints")[-1]) for name in ("two", "one"))
+    assert a.step == b.step == 2
+    for group in ("student", "ema"):
+        x, y = a.group(group), b.group(group)
+        assert x.keys() == y.keys()
+        bad = [k for k in x if not torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-6)]
+        assert not bad, (group, bad[:4], max(float((x[k] - y[k]).abs().max()) for k in x))
+    two_loss = [json.loads(ln)["loss"] for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one_loss = [json.loads(ln)["loss"] for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
