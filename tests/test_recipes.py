@@ -338,7 +338,8 @@ def test_toy2d_precond_inspect_plot_compute(toy_run, cli):
     cli.ok(inspect)
     run_stats = load_statistics(run / "precond_stats.safetensors")
     assert run_stats.teacher_fingerprint in inspect.stdout
-    assert "120 λ-levels" in inspect.stdout and "N = 18" in inspect.stdout
+    # the run's own grid (toy2d distils on N = 26), read from the config.toml beside the statistics
+    assert "120 λ-levels" in inspect.stdout and "N = 26" in inspect.stdout and "run/config.toml" in inspect.stdout
 
     cli.ok(plot)
     assert_png(ws / "fig.png")
