@@ -44,7 +44,7 @@ class Messages:
 
     def message(self, text): self.lines.append(text)
     def statistics_progress(self, done, total): pass
-    def start(self, start_step, total_steps): pass
+    def start(self, start_step, total_steps, terms): pass
     def step(self, step, logs): pass
     def finish(self): pass
 

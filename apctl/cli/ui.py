@@ -152,15 +152,12 @@ class TrainingReporter:
     def statistics_progress(self, done: int, total: int) -> None:
         self.stats(done, total)
 
-    def start(self, start_step: int, total_steps: int) -> None:
+    def start(self, start_step: int, total_steps: int, terms: tuple[str, ...]) -> None:
         self.phase = PhaseProgress(self.phase_name, total_steps, start_step)
+        self.terms = terms
 
     def step(self, step: int, logs: dict) -> None:
-        info = ""
-        if "fm" in logs and "sd" in logs:      # iSD: its adaptively normalised total stays near 1 and says nothing
-            info = f"fm {logs['fm']:.4g} · sd {logs['sd']:.4g}"
-        elif "loss" in logs:
-            info = f"loss {logs['loss']:.4g}"
+        info = " · ".join(f"{key} {logs[key]:.4g}" for key in self.terms if key in logs)
         if info and "align_nfe2" in logs:
             info += f" · align@2 {logs['align_nfe2']:.4f}"
         self.phase.update(step, info)

@@ -65,6 +65,7 @@ def tangent(net: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, 
 
 class ISDObjective:
     name = "isd"
+    progress_terms = ("fm", "sd")   # what the progress line shows: the adaptively normalised total stays near 1
 
     def __init__(self, cfg: ISDObjectiveConfig):
         self.cfg = cfg

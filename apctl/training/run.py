@@ -49,7 +49,7 @@ RESUMABLE_CHANGES = ("run.threads", "training.iterations", "training.log_every",
 class Reporter(Protocol):
     def message(self, text: str) -> None: ...
     def statistics_progress(self, done: int, total: int) -> None: ...
-    def start(self, start_step: int, total_steps: int) -> None: ...
+    def start(self, start_step: int, total_steps: int, terms: tuple[str, ...]) -> None: ...
     def step(self, step: int, logs: dict[str, float]) -> None: ...
     def finish(self) -> None: ...
 
@@ -57,7 +57,7 @@ class Reporter(Protocol):
 class SilentReporter:
     def message(self, text): pass
     def statistics_progress(self, done, total): pass
-    def start(self, start_step, total_steps): pass
+    def start(self, start_step, total_steps, terms): pass
     def step(self, step, logs): pass
     def finish(self): pass
 
@@ -387,7 +387,8 @@ def _train(run: Run, reporter: Reporter, probe, stop: StopSignals) -> Run:
     sink = open_tensorboard(run.run_dir) if tc.tensorboard and distributed.is_main() else None
     if probe is not None and tc.eval_every and run.step == 0:
         _log(run, metrics_path, dict(probe(run), step=0), sink)
-    reporter.start(run.step, tc.iterations)
+    # The logged terms the progress line shows: the total loss, unless the objective names others.
+    reporter.start(run.step, tc.iterations, getattr(run.objective, "progress_terms", ("loss",)))
     clock, last_logged = time.perf_counter(), run.step
     skips = guard.ConsecutiveSkips(tc.max_skipped_steps)
     sums: dict[str, torch.Tensor] = {}
