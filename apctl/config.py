@@ -283,9 +283,13 @@ class EvalConfig:
     levels to the training grid. `nfe` lists the NFEs `apctl eval` measures when not given --nfe.
     `fid_samples` is the image count of `apctl eval --fid` (EDM's protocol; 50,000 in the paper
     presets), `edm_steps` the levels of EDM's sampler for the teacher's row (2·edm_steps − 1 NFE: 18
-    for CIFAR-10, 40 for FFHQ, 256 for ImageNet-64)."""
+    for CIFAR-10, 40 for FFHQ, 256 for ImageNet-64). `levels` names the σ list of an NFE outright, a
+    table of NFE → n + 1 decreasing levels (`[eval.levels]` with `2 = [80.0, 0.0464, 0.002]`): the
+    tuned intermediate time of multistep consistency sampling; inner levels snap to the grid when
+    `sigmas` = "grid" (`apctl.sampling.SigmaPolicy`)."""
 
     sigmas: str = field(default="grid", metadata=_choice("grid", "karras"))
+    levels: dict = field(default_factory=dict)
     n_samples: int = field(default=2048, metadata=_range(1, MAX_SAMPLES))
     teacher_steps: int = field(default=256, metadata=_range(2, MAX_STEPS))
     nfe: list = field(default_factory=lambda: [1, 2, 4])
@@ -346,6 +350,9 @@ def _check_value(source: str, key: str, f: dataclasses.Field, value: Any, hint: 
     elif origin is list:
         if not isinstance(value, list):
             raise ConfigError(source, key, f"expected a list, got {value!r}")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"expected a table [{key}], got {value!r}")
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(source, key, f"must be one of {', '.join(map(repr, meta['choices']))}, got {value!r}")
@@ -416,6 +423,18 @@ def _check_run_name(name: str, source: str) -> None:
                                               f"'/' and not '..' (the run directory inside runs/), got {name[:60]!r}")
 
 
+def _check_levels(source: str, key: str, nfe: str, levels: Any) -> None:
+    """One `[eval.levels]` entry: an NFE n from 1 to MAX_STEPS naming n + 1 positive, finite, strictly
+    decreasing σ levels."""
+    if not nfe.isdigit() or not 1 <= int(nfe) <= MAX_STEPS:
+        raise ConfigError(source, key, f"the keys of [eval.levels] are NFEs, integers from 1 to {MAX_STEPS:,}")
+    numbers = isinstance(levels, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in levels)
+    if not numbers or len(levels) != int(nfe) + 1:
+        raise ConfigError(source, key, f"NFE {nfe} takes a list of {int(nfe) + 1} σ levels (start … end), got {levels!r}")
+    if any(not math.isfinite(s) or s <= 0 for s in levels) or any(a <= b for a, b in zip(levels, levels[1:])):
+        raise ConfigError(source, key, f"σ levels must be positive, finite and strictly decreasing, got {levels!r}")
+
+
 def validate(cfg: Config, source: str) -> None:
     """Cross-field rules that a single key's type and range cannot express."""
     _check_run_name(cfg.run.name, source)
@@ -464,6 +483,8 @@ def validate(cfg: Config, source: str) -> None:
     if len(cfg.training.betas) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
                                            for b in cfg.training.betas):
         raise ConfigError(source, "training.betas", f"must be two numbers β₁, β₂ with 0 ≤ β < 1, got {cfg.training.betas!r}")
+    for nfe, levels in cfg.eval.levels.items():
+        _check_levels(source, f"eval.levels.{nfe}", nfe, levels)
     if not cfg.eval.nfe or any(not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_STEPS
                                for n in cfg.eval.nfe):
         raise ConfigError(source, "eval.nfe", f"must be a list of integers from 1 to {MAX_STEPS:,}")

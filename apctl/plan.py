@@ -304,8 +304,7 @@ def make_plan(cfg: Config, preset_path: Path, out: Path) -> Plan:
         ("dropout", _dropout(cfg)),
     ]
     grid_text = f"N = {o.grid_points} Karras levels, {grid[0]:g} … {grid[-1]:g}"
-    sampler_row = ("sampler σ list", "Karras levels (CTM's exact sampler)" if cfg.eval.sigmas == "karras"
-                   else "Karras levels snapped to the grid")
+    sampler_row = ("sampler σ list", _sampler_text(cfg.eval, grid))
     if o.kind == "edm":
         rows.append(("objective", f"EDM denoiser loss, ln σ ~ N({o.edm.p_mean:g}, {o.edm.p_std:g}²), "
                                   "weight (σ² + σ_d²)/(σ·σ_d)²"))
@@ -381,3 +380,13 @@ def _batch(tr, world: int) -> str:
     if 0 < tr.batch_per_device < share:
         line += f", accumulated over {share // tr.batch_per_device} micro-batches of {tr.batch_per_device}"
     return line
+
+
+def _sampler_text(eval_cfg, grid) -> str:
+    """The plan's sampler row: the default schedule, then each σ list the run names (as snapped)."""
+    from apctl.sampling import SigmaPolicy
+
+    policy = SigmaPolicy.of(eval_cfg)
+    text = "Karras levels (CTM's exact sampler)" if policy.schedule == "karras" else "Karras levels snapped to the grid"
+    named = [f"NFE {n}: {' → '.join(f'{s:.4g}' for s in policy.sigmas(n, grid))}" for n in sorted(policy.levels)]
+    return "; ".join([text + (" (other NFEs)" if named else ""), *[f"{t} (eval.levels)" for t in named]])

@@ -80,9 +80,9 @@ def initial_student(ckpt_path: Path):
 def samples(trained, z, labels, nfe: int, batch: int = 128):
     import torch
 
-    from apctl.sampling import default_sigmas, student_sample
+    from apctl.sampling import SigmaPolicy, student_sample
 
-    sigmas = default_sigmas(nfe, trained.grid, trained.cfg.eval.sigmas)
+    sigmas = SigmaPolicy.of(trained.cfg.eval).sigmas(nfe, trained.grid)
     with torch.no_grad():
         return torch.cat([student_sample(trained.net, trained.precond, z[i:i + batch],
                                          sigmas, None if labels is None else labels[i:i + batch]).float()

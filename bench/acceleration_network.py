@@ -108,9 +108,9 @@ def student_samples(run, z, labels, nfe: int, batch: int = 256):
     """`nfe`-step samples of the run's evaluation EMA from unit noise z (CTM γ = 0), as the probe takes them."""
     import torch
 
-    from apctl.sampling import default_sigmas, student_sample
+    from apctl.sampling import SigmaPolicy, student_sample
 
-    sigmas = default_sigmas(nfe, run.grid, run.cfg.eval.sigmas)
+    sigmas = SigmaPolicy.of(run.cfg.eval).sigmas(nfe, run.grid)
     out = []
     for i in range(0, len(z), batch):
         y = None if labels is None else labels[i:i + batch].to(run.device)
@@ -209,6 +209,7 @@ def one_run(args: tuple[str, str, str, int, list[str], dict]) -> dict:
     from apctl.presets import load_config
     from apctl.metrics.alignment import AlignmentProbe
     from apctl.metrics.evaluation import measure
+    from apctl.sampling import SigmaPolicy
     from apctl.metrics.inception import load_inception
     from apctl.training.run import prepare, train
 
@@ -241,7 +242,7 @@ def one_run(args: tuple[str, str, str, int, list[str], dict]) -> dict:
 
     def evaluate(run) -> dict:
         t0 = time.perf_counter()
-        results = measure(probe, run.ema, run.precond, run.grid, NFES, schedule=run.cfg.eval.sigmas)
+        results = measure(probe, run.ema, run.precond, run.grid, NFES, policy=SigmaPolicy.of(run.cfg.eval))
         logs = {f"align_nfe{n}": results[f"nfe={n}"]["alignment_rms"] for n in NFES}
         timings["probe"] += time.perf_counter() - t0
         if opts["fid_every"] and run.step % opts["fid_every"] == 0 and run.step < run.cfg.training.iterations:

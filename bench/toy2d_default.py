@@ -17,7 +17,9 @@ Issue 9 asks for the default "still in about two minutes on a laptop CPU": no sl
 filed against, which said "about a minute or two". Seconds differ 2.6× between the machines these sessions
 ran on, so `--reference` first runs that preset (`ISSUE_TIME_PRESET`: today's toy2d with the keys that
 differed then, run by today's code) under the same conditions, and every row then carries `cpu_ratio`,
-its CPU time over the reference's: the budget is a ratio of about 1 (docs/benchmarks.md).
+its CPU time over the reference's: the budget is a ratio of about 1 (docs/benchmarks.md). That preset
+named no 2-step σ list, so the reference is measured on the default Karras levels; a run that names one
+(`[eval.levels]`) is measured on it and, for comparison, on the default levels too.
 """
 
 from __future__ import annotations
@@ -84,26 +86,35 @@ def run_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(run_dir: Path, n: int | None = None) -> dict:
+def evaluate(run_dir: Path, n: int | None = None, named_levels: bool = True) -> dict:
     """`apctl eval`'s figures for the run's final evaluation-EMA student (NFE 1 and 2), on `n` noises
-    (default: the run's eval.n_samples)."""
+    (default: the run's eval.n_samples), on the run's σ lists (`SigmaPolicy.of`). When the run names its
+    2-step list (`[eval.levels]`), the row also gives the 2-step figures on the default Karras levels
+    (`*_default_levels`), from the same student and noise; `named_levels=False` measures on those alone."""
     import torch
 
     from apctl.metrics.alignment import AlignmentProbe
     from apctl.metrics.evaluation import measure
+    from apctl.sampling import SigmaPolicy
     from apctl.training.trained import load_trained_student
 
     torch.set_num_threads(1)
     trained = load_trained_student(run_dir)
     e = trained.cfg.eval
     probe = AlignmentProbe(trained.teacher(), trained.shape, n or e.n_samples, e.seed, e.teacher_steps, trained.label_dim)
-    results = measure(probe, trained.net, trained.precond, trained.grid, [1, 2], schedule=e.sigmas)
+    policy = SigmaPolicy.of(e) if named_levels else SigmaPolicy(e.sigmas)
+    results = measure(probe, trained.net, trained.precond, trained.grid, [1, 2], policy=policy)
     last = [json.loads(line) for line in (trained.checkpoint.path.parent.parent / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
-    return {"step": trained.checkpoint.step, "it_per_s_last": last.get("it_per_s"),
-            "rms1": results["nfe=1"]["alignment_rms"], "rms2": results["nfe=2"]["alignment_rms"],
-            "beyond_student2": results["nfe=2"].get("beyond_3sigma"),
-            "beyond_teacher_ode": probe.beyond_3sigma.get("teacher_ode"),
-            "beyond_exact": probe.beyond_3sigma.get("exact")}
+    row = {"step": trained.checkpoint.step, "it_per_s_last": last.get("it_per_s"), "sigmas2": results["nfe=2"]["sigmas"],
+           "rms1": results["nfe=1"]["alignment_rms"], "rms2": results["nfe=2"]["alignment_rms"],
+           "beyond_student2": results["nfe=2"].get("beyond_3sigma"),
+           "beyond_teacher_ode": probe.beyond_3sigma.get("teacher_ode"),
+           "beyond_exact": probe.beyond_3sigma.get("exact")}
+    if 2 in policy.levels:
+        default = measure(probe, trained.net, trained.precond, trained.grid, [2], policy=SigmaPolicy(e.sigmas))["nfe=2"]
+        row |= {"sigmas2_default_levels": default["sigmas"], "rms2_default_levels": default["alignment_rms"],
+                "beyond_student2_default_levels": default.get("beyond_3sigma")}
+    return row
 
 
 def main() -> None:
@@ -119,7 +130,7 @@ def main() -> None:
     reference_cpu = None
     if args.reference:
         reference = run_row("toy2d", args.seeds[0], ISSUE_TIME_PRESET + args.reference_overrides, args.keep, args.n,
-                            "toy2d-issue-time")
+                            "toy2d-issue-time", named_levels=False)
         reference_cpu = reference["cpu_s"]
         print(json.dumps(dict(reference, reference=True)), flush=True)
     for seed in args.seeds:
@@ -129,7 +140,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
 
-def run_row(preset: str, seed: int, overrides: list[str], keep: Path | None, n: int, name: str | None = None) -> dict:
+def run_row(preset: str, seed: int, overrides: list[str], keep: Path | None, n: int, name: str | None = None,
+            named_levels: bool = True) -> dict:
     """One bench row: `distill`'s times, the load average around it, and `evaluate`'s figures (the run directory
     is `name`-seed<S> under `keep`, if given)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +149,7 @@ def run_row(preset: str, seed: int, overrides: list[str], keep: Path | None, n: 
         load_before = os.getloadavg()[0]
         wall, cpu = distill(preset, seed, overrides, out)
         return {"preset": preset, "seed": seed, "sets": overrides, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                "load_before": load_before, "load_after": os.getloadavg()[0]} | evaluate(out, n)
+                "load_before": load_before, "load_after": os.getloadavg()[0]} | evaluate(out, n, named_levels)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The benchmark scripts in bench/: the speed-up arithmetic of bench/acceleration.py (and its use in
 bench/acceleration_network.py) on synthetic curves, the commands bench/cifar10_figure3.py runs, and short
 runs of bench/toy2d_ceiling.py, bench/toy2d_exact_goal.py (whose goal chain is checked against a closed form),
-bench/toy2d_teacher_start.py, bench/toy2d_teacher_grid.py, bench/objective_cost.py and bench/isd_guidance.py, and
-bench/toy2d_default.py's time reference (toy2d as issue 9 found it)."""
+bench/toy2d_teacher_start.py, bench/toy2d_teacher_grid.py, bench/objective_cost.py and bench/isd_guidance.py,
+bench/toy2d_default.py's time reference (toy2d as issue 9 found it), and bench/toy2d_two_step_level.py."""
 
 from __future__ import annotations
 
@@ -294,3 +294,26 @@ def test_toy2d_default_reference_row_and_cpu_ratios():
     assert reference["reference"] is True and reference["sets"][:len(bench.ISSUE_TIME_PRESET)] == bench.ISSUE_TIME_PRESET
     assert reference["seed"] == row["seed"] == 1 and "reference" not in row and row["step"] == 3
     assert row["cpu_ratio"] == round(row["cpu_s"] / reference["cpu_s"], 3)
+
+
+def test_toy2d_two_step_level_rows_reproduce_the_default_bench_at_the_runs_level(tmp_path):
+    """bench/toy2d_two_step_level.py on a 3-iteration toy2d run: one row per inner grid level below --max-level,
+    and on the eval probe (seed 12345) the row at the run's named level is bench/toy2d_default.py's 2-step figure
+    (an explicit σ list against the run's `[eval.levels]`); toy2d_default's row also carries the default Karras
+    level's figures; the summary's means and best level follow from the rows."""
+    from apctl.schedules import karras_sigmas
+
+    row = json_rows("toy2d_default.py", *TINY_DISTILL, "--keep", str(tmp_path))[-1]
+    grid = karras_sigmas(26).tolist()
+    assert row["sigmas2"][1] == min(grid, key=lambda g: abs(math.log(g / 0.0464)))
+    assert row["sigmas2_default_levels"][1] == min(grid, key=lambda g: abs(math.log(g / 2.515)))
+    assert row["rms2_default_levels"] != row["rms2"]
+    rows = json_rows("toy2d_two_step_level.py", str(tmp_path / "toy2d-seed0"), "--probe-seed", "12345", "--n", "256",
+                     "--max-level", "1.0")
+    levels, summary, best = [r for r in rows if "run" in r], [r for r in rows if r.get("summary")], rows[-1]
+    assert [r["level"] for r in levels] == pytest.approx([g for g in grid[1:-1] if g < 1.0])
+    at_named = next(r for r in levels if r["level"] == pytest.approx(row["sigmas2"][1]))
+    assert at_named["rms"] == pytest.approx(row["rms2"], rel=1e-6)
+    assert at_named["beyond_3sigma"] == pytest.approx(row["beyond_student2"], abs=1e-12)
+    assert [s["mean_beyond_3sigma"] for s in summary] == pytest.approx([r["beyond_3sigma"] for r in levels])
+    assert best["best_level"] == min(summary, key=lambda s: s["mean_beyond_3sigma"])["level"]

@@ -76,6 +76,7 @@ def evaluate(
         raise ApctlError("--teacher-row scores the teacher's FID: it needs --fid REF.npz")
     from apctl.cli.ui import ProgressCallback, console
     from apctl.metrics.evaluation import measure
+    from apctl.sampling import SigmaPolicy
     from apctl.metrics.alignment import AlignmentProbe
     from apctl.networks.registry import count_parameters
     from apctl.threads import apply_thread_policy
@@ -91,7 +92,7 @@ def evaluate(
     probe = AlignmentProbe(teacher, trained.shape, count or e.n_samples, e.seed, teacher_steps or e.teacher_steps,
                            trained.label_dim, progress=None if as_json else ProgressCallback("teacher ODE reference"))
     results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma,
-                      schedule=sigma_schedule or trained.cfg.eval.sigmas, sigmas=levels)
+                      policy=SigmaPolicy.of(trained.cfg.eval, sigma_schedule), sigmas=levels)
     report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,
               "precond": trained.cfg.precond.kind, "objective": trained.cfg.objective.kind,
               "n": probe.z.shape[0], "teacher_steps": teacher_steps or e.teacher_steps, "results": results}

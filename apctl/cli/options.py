@@ -67,7 +67,8 @@ SigmaSchedule = Literal["karras", "grid"]
 SigmaScheduleOpt = typer.Option(None, "--sigma-schedule",
                                 help="Default σ list of an NFE-n sample: 'karras' (CTM's exact sampler, e.g. NFE 2 = "
                                      "80 → 2.515 → 0.002) or 'grid' (inner levels snapped to the training grid). "
-                                     "Default: the run's eval.sigmas.")
+                                     "Default: the run's eval.sigmas, and the σ lists it names in [eval.levels] "
+                                     "(this option replaces those too).")
 
 SigmasOpt = typer.Option(None, "--sigmas", metavar="σ,σ,…",
                          help="Explicit decreasing σ list, e.g. 80,0.821,0.002 (ECT's 2 steps) or 1255.8,1,0.002 (iSD's "

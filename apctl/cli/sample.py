@@ -60,14 +60,14 @@ def sample(
     from apctl.networks.registry import count_parameters
     from apctl.plots import plot_samples
     from apctl.threads import apply_thread_policy
-    from apctl.sampling import class_labels, default_sigmas, student_sample, teacher_sample
+    from apctl.sampling import SigmaPolicy, class_labels, student_sample, teacher_sample
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
     dev = resolve_device(device, "--device")
     trained = load_trained_student(ckpt, weights, dev)
     apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
-    sigma_list = explicit or default_sigmas(nfe, trained.grid, sigma_schedule or trained.cfg.eval.sigmas)
+    sigma_list = explicit or SigmaPolicy.of(trained.cfg.eval, sigma_schedule).sigmas(nfe, trained.grid)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((count, *trained.shape), generator=gen)
     labels = None

@@ -48,6 +48,7 @@ def curve_points(run_dirs: Sequence[Path], metric: str, nfes: Sequence[int], *, 
     `reference`, `detector` and `n` (default: each run's eval.fid_samples) are for metric 'fid'.
     Every run's snapshots are listed before anything is evaluated (one-line error for a run without)."""
     from apctl.metrics.model_fid import fid_image_count, student_rows
+    from apctl.sampling import SigmaPolicy
     from apctl.training.trained import load_trained_student
 
     if metric not in METRICS:
@@ -61,7 +62,8 @@ def curve_points(run_dirs: Sequence[Path], metric: str, nfes: Sequence[int], *, 
         for snap in snaps:
             trained = load_trained_student(snap, "ema", device)
             e = trained.cfg.eval
-            settings = {"metric": metric, "gamma": gamma, "schedule": schedule or e.sigmas}
+            policy = SigmaPolicy.of(e, schedule)
+            settings = {"metric": metric, "gamma": gamma, "schedule": policy.describe()}
             if metric == "fid":
                 settings.update(n=fid_image_count(e, n), reference_sha256=reference["sha256"],
                                 detector=detector.path)
@@ -73,7 +75,7 @@ def curve_points(run_dirs: Sequence[Path], metric: str, nfes: Sequence[int], *, 
                     value = json.loads(path.read_text())["value"]
                 elif metric == "fid":
                     row = student_rows(trained, [nfe], settings["n"], reference, detector, gamma=gamma,
-                                       schedule=settings["schedule"], batch_size=batch_size,
+                                       schedule=schedule, batch_size=batch_size,
                                        progress=(lambda what: progress(f"{label} step {trained.checkpoint.step} {what}"))
                                        if progress else None)[0]
                     value = row["fid"]
@@ -85,7 +87,7 @@ def curve_points(run_dirs: Sequence[Path], metric: str, nfes: Sequence[int], *, 
                     from apctl.metrics.evaluation import measure
 
                     r = measure(probe, trained.net, trained.precond, trained.grid, [nfe], gamma=gamma,
-                                schedule=settings["schedule"])[f"nfe={nfe}"]
+                                policy=policy)[f"nfe={nfe}"]
                     value = r["alignment_rms"]
                     atomic_write(path, json.dumps({"step": trained.checkpoint.step, "nfe": nfe, "value": value,
                                                    "settings": settings, "sigmas": r["sigmas"]}, indent=1))

@@ -8,14 +8,14 @@ import torch
 
 from apctl.errors import ApctlError
 from apctl.metrics.alignment import AlignmentProbe
-from apctl.sampling import sigma_lists, student_sample
+from apctl.sampling import SigmaPolicy, sigma_lists, student_sample
 
 
 def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamma: float = 0.0,
             batch_size: int = 1024, fid_reference=None, inception_weights: str | None = None,
-            schedule: str = "grid", sigmas: Sequence[float] | None = None) -> dict[str, dict]:
-    """{"nfe=N": {"alignment_rms", "sliced_w2", "sigmas"[, "fid"]}} for each NFE, from the probe's fixed noise
-    (`sigmas`: one explicit σ list instead, reported under its NFE, len − 1).
+            policy: SigmaPolicy = SigmaPolicy(), sigmas: Sequence[float] | None = None) -> dict[str, dict]:
+    """{"nfe=N": {"alignment_rms", "sliced_w2", "sigmas"[, "fid"]}} for each NFE, from the probe's fixed noise,
+    on the σ lists of `policy` (`sigmas`: one explicit σ list instead, reported under its NFE, len − 1).
 
     With `fid_reference` ("teacher": the probe's teacher-ODE samples; or an EDM-style .npz of
     Inception statistics), image students also get the FID of their samples against it.
@@ -31,7 +31,7 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
         if fid_reference == "teacher":
             fid_reference = compute_reference_stats(probe.reference, weights_path=inception_weights, device=device)
     out = {}
-    for levels in sigma_lists(nfes, grid, schedule, sigmas):
+    for levels in sigma_lists(nfes, grid, policy, sigmas):
         nfe = len(levels) - 1
         gen = torch.Generator().manual_seed(0)
         chunks = []
@@ -50,12 +50,12 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
 
 
 def training_probe(teacher, shape, label_dim: int, n: int, seed: int, teacher_steps: int, grid,
-                   nfes: Sequence[int] = (1, 2), progress=None, schedule: str = "grid") -> Callable:
+                   nfes: Sequence[int] = (1, 2), progress=None, policy: SigmaPolicy = SigmaPolicy()) -> Callable:
     """probe(run) → {"align_nfe1": …, "align_nfe2": …} for the run's evaluation-EMA student."""
     probe = AlignmentProbe(teacher, shape, n, seed, teacher_steps, label_dim, progress=progress)
 
     def evaluate(run) -> dict[str, float]:
-        results = measure(probe, run.ema, run.precond, grid, nfes, schedule=schedule)
+        results = measure(probe, run.ema, run.precond, grid, nfes, policy=policy)
         return {f"align_nfe{nfe}": results[f"nfe={nfe}"]["alignment_rms"] for nfe in nfes}
 
     return evaluate

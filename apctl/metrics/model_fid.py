@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from apctl.generation import StudentImages, TeacherEDMImages
 from apctl.metrics.fid_protocol import features_as_reference, model_features, score, weights_digest
-from apctl.sampling import sigma_lists
+from apctl.sampling import SigmaPolicy, sigma_lists
 
 
 def run_dir_of(checkpoint_path: Path) -> Path:
@@ -38,7 +38,7 @@ def student_rows(trained, nfes: Sequence[int], n: int, reference: dict, detector
     identity = {"checkpoint": str(Path(trained.checkpoint.path).resolve()), "step": trained.checkpoint.step,
                 "weights_sha256": weights_digest(trained.net)}
     rows = []
-    for levels in sigma_lists(nfes, trained.grid, schedule or trained.cfg.eval.sigmas, sigmas):
+    for levels in sigma_lists(nfes, trained.grid, SigmaPolicy.of(trained.cfg.eval, schedule), sigmas):
         maker = StudentImages(trained.net, trained.precond, levels, gamma, trained.shape, trained.label_dim, weights)
         rows.append(score(maker, identity, n, reference, detector, cache_root, chunk_size=chunk_size,
                           batch_size=batch_size, rank=rank, world=world, barrier=barrier,

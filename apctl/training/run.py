@@ -450,6 +450,7 @@ def alignment_probe(run: Run, progress=None):
     """probe(run) → {"align_nfe1", "align_nfe2"}: the EMA student's alignment RMS with the teacher's
     ODE on fixed noise (`[eval]` seed, at most 1,024 samples); None when `training.eval_every` = 0."""
     from apctl.metrics.evaluation import training_probe
+    from apctl.sampling import SigmaPolicy
 
     from apctl.objectives import distills
 
@@ -460,7 +461,7 @@ def alignment_probe(run: Run, progress=None):
         with StopAtOnce("the teacher ODE reference of the alignment probe"):
             return training_probe(run.teacher, run.teacher.shape, run.data_source.label_dim, min(e.n_samples, 1024),
                                   e.seed, e.teacher_steps, run.grid, progress=progress,
-                                  schedule=e.sigmas)
+                                  policy=SigmaPolicy.of(e))
     except BaseException:
         run.abandon()          # a fresh run stopped here leaves nothing behind, as one that failed in prepare
         raise
@@ -469,12 +470,12 @@ def alignment_probe(run: Run, progress=None):
 @torch.no_grad()
 def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np.ndarray | None]:
     """`nfe`-step samples of the evaluation EMA and, for exact teachers, exact teacher samples."""
-    from apctl.sampling import class_labels, default_sigmas, student_sample
+    from apctl.sampling import SigmaPolicy, class_labels, student_sample
 
     gen = torch.Generator().manual_seed(run.cfg.eval.seed)
     z = torch.randn((n, *run.teacher.shape), generator=gen)
     labels = class_labels(n, run.data_source.label_dim)
-    samples = student_sample(run.ema, run.precond, z.to(run.device), default_sigmas(nfe, run.grid, run.cfg.eval.sigmas),
+    samples = student_sample(run.ema, run.precond, z.to(run.device), SigmaPolicy.of(run.cfg.eval).sigmas(nfe, run.grid),
                              None if labels is None else labels.to(run.device))
     reference = run.teacher.sample(n, gen).float().cpu().numpy() if run.teacher.exact else None
     return samples.cpu().numpy(), reference
