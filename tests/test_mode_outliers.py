@@ -77,3 +77,25 @@ def test_the_probe_reports_the_fraction_for_mixtures_with_a_sigma_only():
     assert probe.measure(on_modes + torch.tensor([0.0, 0.31]))["beyond_3sigma"] == 1.0
     dirac = AlignmentProbe(GaussianMixtureTeacher([[1.0, 0.0], [-1.0, 0.0]], 0.0), (2,), 16, 0, 8)
     assert dirac.beyond_3sigma == {} and "beyond_3sigma" not in dirac.measure(on_modes[:16])
+
+
+def test_distill_logs_and_prints_the_fraction_that_eval_measures(tmp_path, cli):
+    """A Gaussian-mixture run logs its probe's fractions beyond 3σ (the student's at 1 and 2 steps, the teacher
+    ODE's) in metrics.jsonl and ends with the 2-step one; `apctl eval` on the same noise measures the same numbers."""
+    import json
+
+    sets = ["--set", "training.iterations=4", "--set", "training.eval_every=2", "--set", "eval.n_samples=256",
+            "--set", "precond.statistics.n_samples=256"]
+    out = cli.ok(cli(["distill", "--preset", "toy2d", "--out", "run", *sets], tmp_path)).stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    probed = [r for r in rows if "align_nfe2" in r]
+    assert [r["step"] for r in probed] == [0, 2, 4]          # the untrained start, then every eval_every
+    assert all({"beyond3_nfe1", "beyond3_nfe2", "beyond3_teacher_ode"} <= set(r) for r in probed)
+    last = probed[-1]
+    report = json.loads(cli.ok(cli(["eval", "--ckpt", "run", "--nfe", "1,2", "--json"], tmp_path)).stdout)
+    assert report["n"] == 256
+    for nfe in (1, 2):
+        assert report["results"][f"nfe={nfe}"]["beyond_3sigma"] == last[f"beyond3_nfe{nfe}"]
+    assert report["beyond_3sigma"]["teacher_ode"] == last["beyond3_teacher_ode"]
+    assert (f"2-step samples beyond 3σ of a mode at step 4: {last['beyond3_nfe2']:.1%} "
+            f"(teacher ODE {last['beyond3_teacher_ode']:.1%})") in out.replace("\n", " ")

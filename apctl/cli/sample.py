@@ -31,7 +31,7 @@ def _teacher_reference(trained, count: int, labels, gen, device):
 def sample(
     ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz (samples, labels: the class of each sample, −1 for an unconditional student; sigmas); a .png grid/scatter is written beside it."),
-    nfe: int = typer.Option(2, "--nfe", "-n", help="Network evaluations: default σ list = Karras schedule of NFE+1 levels (snapped to the training grid unless the run's eval.sigmas = 'karras')."),
+    nfe: int = typer.Option(2, "--nfe", "-n", help="Network evaluations: the σ list the run names for this NFE in [eval.levels], else a Karras schedule of NFE+1 levels (snapped to the training grid unless the run's eval.sigmas = 'karras')."),
     sigmas: Optional[str] = SigmasOpt,
     count: int = typer.Option(64, "--n", metavar="N", min=1, help="How many samples."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),

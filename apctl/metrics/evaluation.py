@@ -51,11 +51,17 @@ def measure(probe: AlignmentProbe, net, precond, grid, nfes: Sequence[int], gamm
 
 def training_probe(teacher, shape, label_dim: int, n: int, seed: int, teacher_steps: int, grid,
                    nfes: Sequence[int] = (1, 2), progress=None, policy: SigmaPolicy = SigmaPolicy()) -> Callable:
-    """probe(run) → {"align_nfe1": …, "align_nfe2": …} for the run's evaluation-EMA student."""
+    """probe(run) → {"align_nfe1": …, "align_nfe2": …} for the run's evaluation-EMA student; for a Gaussian-mixture
+    teacher also its fractions beyond 3σ of a mode ("beyond3_nfe1", "beyond3_nfe2") and the teacher ODE's own on
+    the same noise ("beyond3_teacher_ode")."""
     probe = AlignmentProbe(teacher, shape, n, seed, teacher_steps, label_dim, progress=progress)
 
     def evaluate(run) -> dict[str, float]:
-        results = measure(probe, run.ema, run.precond, grid, nfes, policy=policy)
-        return {f"align_nfe{nfe}": results[f"nfe={nfe}"]["alignment_rms"] for nfe in nfes}
+        by_nfe = measure(probe, run.ema, run.precond, grid, nfes, policy=policy)
+        logs = {f"align_nfe{nfe}": by_nfe[f"nfe={nfe}"]["alignment_rms"] for nfe in nfes}
+        if probe.beyond_3sigma:
+            logs |= {f"beyond3_nfe{nfe}": by_nfe[f"nfe={nfe}"]["beyond_3sigma"] for nfe in nfes}
+            logs["beyond3_teacher_ode"] = probe.beyond_3sigma["teacher_ode"]
+        return logs
 
     return evaluate

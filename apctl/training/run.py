@@ -448,7 +448,8 @@ def _stop(run: Run, logs: dict, signum: int) -> None:
 
 def alignment_probe(run: Run, progress=None):
     """probe(run) → {"align_nfe1", "align_nfe2"}: the EMA student's alignment RMS with the teacher's
-    ODE on fixed noise (`[eval]` seed, at most 1,024 samples); None when `training.eval_every` = 0."""
+    ODE on fixed noise (`[eval]` seed, at most 1,024 samples), and for a Gaussian-mixture teacher the
+    fractions beyond 3σ of a mode (`training_probe`); None when `training.eval_every` = 0."""
     from apctl.metrics.evaluation import training_probe
     from apctl.sampling import SigmaPolicy
 
@@ -557,4 +558,7 @@ def finish(run: Run) -> list[str]:
     if last:
         lines.append(f"alignment RMS vs teacher ODE at step {last['step']}: "
                      f"1 step {last['align_nfe1']:.4f}, 2 steps {last['align_nfe2']:.4f}")
+    if last and "beyond3_nfe2" in last:     # a Gaussian-mixture teacher: how many samples miss every mode
+        lines.append(f"2-step samples beyond 3σ of a mode at step {last['step']}: {last['beyond3_nfe2']:.1%} "
+                     f"(teacher ODE {last['beyond3_teacher_ode']:.1%})")
     return lines
