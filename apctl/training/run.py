@@ -469,17 +469,18 @@ def alignment_probe(run: Run, progress=None):
 
 
 @torch.no_grad()
-def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np.ndarray | None]:
-    """`nfe`-step samples of the evaluation EMA and, for exact teachers, exact teacher samples."""
+def final_samples(run: Run, n: int = 1024, nfe: int = 2) -> tuple[np.ndarray, np.ndarray | None, list[float]]:
+    """`nfe`-step samples of the evaluation EMA, for exact teachers exact teacher samples (else None), and the σ
+    list the student sampled (the run's, `SigmaPolicy.of`)."""
     from apctl.sampling import SigmaPolicy, class_labels, student_sample
 
     gen = torch.Generator().manual_seed(run.cfg.eval.seed)
     z = torch.randn((n, *run.teacher.shape), generator=gen)
     labels = class_labels(n, run.data_source.label_dim)
-    samples = student_sample(run.ema, run.precond, z.to(run.device), SigmaPolicy.of(run.cfg.eval).sigmas(nfe, run.grid),
-                             None if labels is None else labels.to(run.device))
+    sigmas = SigmaPolicy.of(run.cfg.eval).sigmas(nfe, run.grid)
+    samples = student_sample(run.ema, run.precond, z.to(run.device), sigmas, None if labels is None else labels.to(run.device))
     reference = run.teacher.sample(n, gen).float().cpu().numpy() if run.teacher.exact else None
-    return samples.cpu().numpy(), reference
+    return samples.cpu().numpy(), reference, sigmas
 
 
 def export_teacher(run: Run) -> Path:
@@ -537,9 +538,9 @@ def write_samples_picture(run: Run, path: Path) -> str:
         return "35-NFE samples"
     image = len(run.data_source.shape) == 3
     n = 64 if image else 1024
-    samples, reference = final_samples(run, n=n)
+    samples, reference, sigmas = final_samples(run, n=n)
     plot_samples(samples, path, None if image else reference, labels=_cycling_classes(n, run.data_source.label_dim),
-                 title=f"{run.cfg.run.name}: ema weights, 2 NFE, step {run.step}",
+                 title=f"{run.cfg.run.name}: ema weights, 2 NFE (σ = {', '.join(f'{s:.3g}' for s in sigmas)}), step {run.step}",
                  sample_label="student (2 NFE)", reference_label="teacher (exact samples)")
     return "2-step samples"
 
