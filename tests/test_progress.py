@@ -22,6 +22,8 @@ def test_a_run_under_a_log_file_is_followable(tmp_path, cli):
     assert "  objective: CTM" in out                                       # the resolved plan follows the banner
     stamped = re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  distill  (\d+)/20 \(\d+%\)  \S+/s  ETA \S+", out, re.M)
     assert [int(s) for s in stamped][-1] == 20 and len(stamped) >= 10, out
+    probed = re.findall(r"^.*  distill  (\d+)/20 .* · align@2 (\S+) · beyond 3σ@2 (\S+)%$", out, re.M)
+    assert int(probed[0][0]) == 15 and int(probed[-1][0]) == 20, out      # from the first probe on, its two figures
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "align_nfe2" in r] == [0, 15, 20]
     trained = [r for r in rows if "loss" in r]
@@ -36,6 +38,8 @@ def test_a_run_under_a_log_file_is_followable(tmp_path, cli):
     alignment, beyond = out.strip().splitlines()[-2:]       # a Gaussian-mixture run ends with both, for one step
     assert alignment.startswith("alignment RMS vs teacher ODE at step 20:"), out
     assert beyond.startswith("2-step samples beyond 3σ of a mode at step 20:"), out
+    last = [r for r in rows if "beyond3_nfe2" in r][-1]
+    assert probed[-1][1:] == (f"{last['align_nfe2']:.4f}", f"{100 * last['beyond3_nfe2']:.1f}")
 
 
 def test_version(tmp_path, cli):

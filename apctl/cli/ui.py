@@ -160,6 +160,8 @@ class TrainingReporter:
         info = " · ".join(f"{key} {logs[key]:.4g}" for key in self.terms if key in logs)
         if info and "align_nfe2" in logs:
             info += f" · align@2 {logs['align_nfe2']:.4f}"
+        if info and "beyond3_nfe2" in logs:     # a Gaussian-mixture teacher: 2-step samples off every mode
+            info += f" · beyond 3σ@2 {logs['beyond3_nfe2']:.1%}"
         self.phase.update(step, info)
 
     def finish(self) -> None:
