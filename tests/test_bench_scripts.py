@@ -297,7 +297,7 @@ def test_toy2d_default_reference_row_and_cpu_ratios():
 
 
 def test_toy2d_two_step_level_rows_reproduce_the_default_bench_at_the_runs_level(tmp_path):
-    """bench/toy2d_two_step_level.py on a 3-iteration toy2d run: one row per inner grid level below --max-level,
+    """bench/toy2d_two_step_level.py on a 3-iteration toy2d run: one row per inner grid level up to --max-level,
     and on the eval probe (seed 12345) the row at the run's named level is bench/toy2d_default.py's 2-step figure
     (an explicit σ list against the run's `[eval.levels]`); toy2d_default's row also carries the default Karras
     level's figures; the summary's means and best level follow from the rows."""
@@ -313,7 +313,7 @@ def test_toy2d_two_step_level_rows_reproduce_the_default_bench_at_the_runs_level
     levels, summary, best = [r for r in rows if "run" in r], [r for r in rows if r.get("summary")], rows[-1]
     assert [r["level"] for r in levels] == pytest.approx([g for g in grid[1:-1] if g < 1.0])
     at_named = next(r for r in levels if r["level"] == pytest.approx(row["sigmas2"][1]))
-    assert at_named["rms"] == pytest.approx(row["rms2"], rel=1e-6)
+    assert at_named["alignment_rms"] == pytest.approx(row["rms2"], rel=1e-6)
     assert at_named["beyond_3sigma"] == pytest.approx(row["beyond_student2"], abs=1e-12)
     assert [s["mean_beyond_3sigma"] for s in summary] == pytest.approx([r["beyond_3sigma"] for r in levels])
     assert best["best_level"] == min(summary, key=lambda s: s["mean_beyond_3sigma"])["level"]

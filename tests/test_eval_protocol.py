@@ -349,3 +349,24 @@ def test_wrong_reference_and_missing_weights_are_one_line(tiny_runs, tmp_path, c
     cli.user_error(apctl(["eval", "--ckpt", tiny_runs[0], "--fid", tmp_path / "ok.npz", "--inception-weights",
                           tmp_path / "none.pth"]), "do not exist")
     assert cli.snapshot(tiny_runs[0]) == before                          # nothing written before the work starts
+
+
+@needs_inception
+def test_eval_level_scores_each_level_as_eval_fid_scores_its_sigma_list(tiny_runs, tmp_path, cli, apctl):
+    """`apctl eval level --fid`: each level's FID is `apctl eval --fid --sigmas 80,σ,0.002`'s for the same images
+    (seeds 0…N−1), and the marked level is the lowest."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(np.random.default_rng(5).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    cli.ok(apctl(["eval", "ref", "--data", folder, "-o", tmp_path / "ref.npz", "--batch", "2"]))
+    report = json.loads(cli.ok(apctl(["eval", "level", "--ckpt", tiny_runs[0], "--fid", tmp_path / "ref.npz", "--n", "3",
+                                      "--min-level", "0.5", "--max-level", "3.5", "--json"])).stdout)
+    assert report["by"] == "fid" and report["n"] == 3 and len(report["rows"]) >= 2
+    for row in report["rows"]:
+        single = json.loads(cli.ok(apctl(["eval", "--ckpt", tiny_runs[0], "--fid", tmp_path / "ref.npz", "--n", "3",
+                                          "--sigmas", ",".join(map(repr, row["sigmas"])), "--json"])).stdout)
+        assert single["results"]["nfe=2"]["fid"] == pytest.approx(row["fid"], rel=1e-12)
+    assert report["best"]["fid"] == min(r["fid"] for r in report["rows"])

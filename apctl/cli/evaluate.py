@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli import eval_curve, eval_ref
+from apctl.cli import eval_curve, eval_level, eval_ref
 from apctl.cli.options import (DeviceOpt, SigmaSchedule, SigmaScheduleOpt, SigmasOpt, ThreadsOpt, Weights, WeightsOpt,
                                parse_sigmas)
 from apctl.errors import ApctlError
@@ -120,3 +120,4 @@ def evaluate(
 
 app.command("ref")(eval_ref.ref)
 app.command("curve")(eval_curve.curve)
+app.command("level")(eval_level.level)
