@@ -370,3 +370,22 @@ def test_eval_level_scores_each_level_as_eval_fid_scores_its_sigma_list(tiny_run
                                           "--sigmas", ",".join(map(repr, row["sigmas"])), "--json"])).stdout)
         assert single["results"]["nfe=2"]["fid"] == pytest.approx(row["fid"], rel=1e-12)
     assert report["best"]["fid"] == min(r["fid"] for r in report["rows"])
+
+    # Under torchrun the images of each level are shared out; the FIDs are one process's. The probe is not shared.
+    import torch.distributed as dist
+
+    if importlib.util.find_spec("torch.distributed.run") is None or not dist.is_gloo_available():
+        pytest.skip("torchrun with the gloo backend is not available")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "apctl.cli.main",
+                "eval", "level", "--ckpt", str(tiny_runs[0]), "--min-level", "0.5", "--max-level", "3.5", "--json",
+                "--device", "cpu"]
+    env = cli.env(TORCH_HOME="/nonexistent/apctl-test-torch-home")
+    done = subprocess.run([*torchrun, "--fid", str(tmp_path / "ref.npz"), "--count", "3", "--batch", "1"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])              # rank 0 alone prints
+    assert len([ln for ln in done.stdout.splitlines() if ln.startswith("{")]) == 1
+    assert [r["fid"] for r in shared["rows"]] == pytest.approx([r["fid"] for r in report["rows"]], rel=1e-9)
+    assert all(r["protocol"]["processes"] == 2 for r in shared["rows"])
+    refused = subprocess.run(torchrun, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "shares out only FID images" in refused.stderr

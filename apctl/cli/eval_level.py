@@ -40,6 +40,7 @@ def level(
     from apctl.metrics import two_step_level as tsl
     from apctl.networks.registry import count_parameters
     from apctl.threads import apply_thread_policy
+    from apctl.training import distributed
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
 
@@ -47,36 +48,47 @@ def level(
         raise typer.BadParameter(f"must be one of {', '.join(tsl.METRICS)}, got {by!r}", param_hint="'--by'")
     if by == "fid" and fid is None:
         raise ApctlError("--by fid needs the reference statistics: --fid REF.npz (make them with `apctl eval ref`)")
-    dev = resolve_device(device, "--device")
-    trained = load_trained_student(ckpt, weights, dev)
-    apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
-    levels = tsl.inner_levels(trained.grid, min_level, max_level)
-    e = trained.cfg.eval
-    report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step, "gamma": gamma}
-    if fid is not None:
-        from apctl.metrics.fid_protocol import reference_record
-        from apctl.metrics.inception import load_inception
-        from apctl.metrics.model_fid import fid_image_count
+    distributed.init()              # under torchrun each level's FID images are shared out, as `eval --fid` does
+    try:
+        if fid is None and distributed.world_size() > 1:
+            raise ApctlError("under torchrun, eval level shares out only FID images (--fid); run the probe in one process")
+        dev = resolve_device(device, "--device")
+        trained = load_trained_student(ckpt, weights, dev)
+        apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
+        levels = tsl.inner_levels(trained.grid, min_level, max_level)
+        e = trained.cfg.eval
+        report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step, "gamma": gamma}
+        if fid is not None:
+            from apctl.metrics.fid_protocol import reference_record
+            from apctl.metrics.inception import load_inception
+            from apctl.metrics.model_fid import fid_image_count
 
-        if len(trained.shape) != 3:
-            raise ApctlError("FID needs an image student (C, H, W samples); this run's samples are vectors")
-        reference, detector = reference_record(fid), load_inception(inception_weights, dev)
-        n = fid_image_count(e, count)
-        rows = tsl.fid_level_rows(trained, levels, n, reference, detector, weights=weights, gamma=gamma, batch_size=batch)
-        by = by or "fid"
-        report |= {"n": n, "seeds": f"0…{n - 1}"}
-    else:
-        from apctl.metrics.alignment import AlignmentProbe
+            if len(trained.shape) != 3:
+                raise ApctlError("FID needs an image student (C, H, W samples); this run's samples are vectors")
+            reference, detector = reference_record(fid), load_inception(inception_weights, dev)
+            n = fid_image_count(e, count)
+            rows = tsl.fid_level_rows(trained, levels, n, reference, detector, weights=weights, gamma=gamma,
+                                      batch_size=batch, rank=distributed.rank(), world=distributed.world_size(),
+                                      barrier=distributed.barrier)
+            by = by or "fid"
+            report |= {"n": n, "seeds": f"0…{n - 1}"}
+        else:
+            from apctl.metrics.alignment import AlignmentProbe
 
-        probe_seed = e.seed + 1 if seed is None else seed
-        probe = AlignmentProbe(trained.teacher().to(dev), trained.shape, count or e.n_samples, probe_seed,
-                               teacher_steps or e.teacher_steps, trained.label_dim,
-                               progress=None if as_json else ProgressCallback("teacher ODE reference"))
-        rows = tsl.level_rows(probe, trained.net, trained.precond, trained.grid, levels, gamma)
-        by = by or ("beyond_3sigma" if probe.beyond_3sigma else "sliced_w2")
-        report |= {"n": probe.z.shape[0], "seed": probe_seed}
-        if probe.beyond_3sigma:
-            report["beyond_3sigma"] = probe.beyond_3sigma
+            probe_seed = e.seed + 1 if seed is None else seed
+            probe = AlignmentProbe(trained.teacher().to(dev), trained.shape, count or e.n_samples, probe_seed,
+                                   teacher_steps or e.teacher_steps, trained.label_dim,
+                                   progress=None if as_json else ProgressCallback("teacher ODE reference"))
+            rows = tsl.level_rows(probe, trained.net, trained.precond, trained.grid, levels, gamma)
+            by = by or ("beyond_3sigma" if probe.beyond_3sigma else "sliced_w2")
+            report |= {"n": probe.z.shape[0], "seed": probe_seed}
+            if probe.beyond_3sigma:
+                report["beyond_3sigma"] = probe.beyond_3sigma
+        main = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if not main:
+        return
     best = tsl.lowest(rows, by)
     report |= {"by": by, "rows": rows, "best": best}
     if as_json:
