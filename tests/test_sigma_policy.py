@@ -132,3 +132,14 @@ def test_every_command_samples_on_the_named_list(tmp_path, cli):
     probe_rms = [r["align_nfe2"] for r in rows if "align_nfe2" in r][-1]
     again = json.loads(cli.ok(cli(["eval", "--ckpt", "run", "--nfe", "2", "--n", "64", "--json"], tmp_path)).stdout)
     assert again["results"]["nfe=2"]["alignment_rms"] == pytest.approx(probe_rms, rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["toy2d-isd", "toy2d-cd"])
+def test_presets_that_keep_ctms_level_sample_as_before_the_table(preset):
+    """toy2d-isd and toy2d-cd write CTM's Karras level (2.515) over toy2d's tuned one: on their grid it is the
+    default list (to the last bits of σ_min), so their recorded figures still describe them; toy2d-ctm inherits toy2d's."""
+    cfg, _ = load_config(preset)
+    grid = np.array(karras(cfg.objective.grid_points))
+    assert SigmaPolicy.of(cfg.eval).sigmas(2, grid) == pytest.approx(default_sigmas(2, grid, "grid"), rel=1e-15)
+    ctm, _ = load_config("toy2d-ctm")
+    assert ctm.eval.levels == load_config("toy2d")[0].eval.levels
