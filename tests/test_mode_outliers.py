@@ -99,3 +99,33 @@ def test_distill_logs_and_prints_the_fraction_that_eval_measures(tmp_path, cli):
     assert report["beyond_3sigma"]["teacher_ode"] == last["beyond3_teacher_ode"]
     assert (f"2-step samples beyond 3σ of a mode at step 4: {last['beyond3_nfe2']:.1%} "
             f"(teacher ODE {last['beyond3_teacher_ode']:.1%})") in out.replace("\n", " ")
+
+
+def test_the_probe_logs_no_fraction_where_exact_samples_are_mostly_beyond_3_sigma():
+    """In d dimensions exact samples lie beyond 3σ with probability P(χ²_d > 9): 1.1% in 2-D, ≈ 1 in 64-D. The
+    training probe logs the fractions only where they mean something (the exact law's own below one half)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from apctl.config import PrecondConfig
+    from apctl.metrics.evaluation import training_probe
+    from apctl.preconditioning.build import build_preconditioning
+
+    class MeanDenoiser(torch.nn.Module):                      # D(x, t, s) = 0, the mixture's mean
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, s, labels=None):
+            return torch.zeros_like(x)
+
+    run = SimpleNamespace(ema=MeanDenoiser(), precond=build_preconditioning(PrecondConfig(kind="ctm")))
+    for dim, logged in ((2, True), (64, False)):
+        teacher = GaussianMixtureTeacher([[1.0] * dim, [-1.0] * dim], 0.1)
+        logs = training_probe(teacher, (dim,), 0, 512, 0, 64, np.array([80.0, 1.0, 0.002]))(run)
+        assert {"align_nfe1", "align_nfe2"} <= set(logs)
+        assert {"beyond3_nfe1", "beyond3_nfe2", "beyond3_teacher_ode"} <= set(logs) if logged else \
+            not any(k.startswith("beyond3") for k in logs), (dim, logs)
+        if logged:                                             # every mean-denoised sample sits between the modes
+            assert logs["beyond3_nfe2"] == 1.0 and logs["beyond3_teacher_ode"] < 0.05
