@@ -71,17 +71,24 @@ class AlignmentProbe:
 
     @functools.cached_property
     def beyond_3sigma(self) -> dict[str, float]:
-        """{"teacher_ode", "exact"}: the teacher ODE's and exact samples' own fractions beyond 3σ ({} without modes)."""
+        """{"teacher_ode", "exact"}: the teacher ODE's and exact samples' own fractions beyond 3σ; {} without
+        modes, and {} when the exact samples' own fraction is one half or more: exact samples of one
+        d-dimensional component lie beyond with probability P(χ²_d > 9), 1.1% in 2-D but ≈ 1 in 64-D (the
+        digits mixtures), where the figure says nothing about a student."""
         if self.modes is None:
             return {}
         labels = None if self.labels is None else self.labels.to(self._teacher.device)
         exact = self._teacher.sample(self.z.shape[0], torch.Generator().manual_seed(self._seed + 1), labels)
-        return {"teacher_ode": fraction_beyond(self.reference, *self.modes, N_SIGMA),
-                "exact": fraction_beyond(exact, *self.modes, N_SIGMA)}
+        exact_fraction = fraction_beyond(exact, *self.modes, N_SIGMA)
+        if exact_fraction >= 0.5:
+            return {}
+        return {"teacher_ode": fraction_beyond(self.reference, *self.modes, N_SIGMA), "exact": exact_fraction}
 
     def measure(self, samples: torch.Tensor) -> dict[str, float]:
+        """alignment RMS and sliced W2 against the teacher ODE's samples, and the fraction beyond 3σ of a mode
+        when the probe has one (`beyond_3sigma`)."""
         samples = samples.cpu()
         out = {"alignment_rms": rms(samples, self.reference), "sliced_w2": sliced_wasserstein(samples, self.reference)}
-        if self.modes is not None:
+        if self.beyond_3sigma:
             out["beyond_3sigma"] = fraction_beyond(samples, *self.modes, N_SIGMA)
         return out
