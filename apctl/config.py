@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from apctl.errors import ApctlError
+from apctl.schedules import check_sigmas
 
 PRESET_DIR_ENV = "APCTL_PRESETS"
 # run.device and the commands' --device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
@@ -431,8 +432,10 @@ def _check_levels(source: str, key: str, nfe: str, levels: Any) -> None:
     numbers = isinstance(levels, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in levels)
     if not numbers or len(levels) != int(nfe) + 1:
         raise ConfigError(source, key, f"NFE {nfe} takes a list of {int(nfe) + 1} σ levels (start … end), got {levels!r}")
-    if any(not math.isfinite(s) or s <= 0 for s in levels) or any(a <= b for a, b in zip(levels, levels[1:])):
-        raise ConfigError(source, key, f"σ levels must be positive, finite and strictly decreasing, got {levels!r}")
+    try:
+        check_sigmas(levels)                       # the samplers' own rule for a σ list
+    except ApctlError:
+        raise ConfigError(source, key, f"σ levels must be positive, finite and strictly decreasing, got {levels!r}") from None
 
 
 def validate(cfg: Config, source: str) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from apctl.errors import ApctlError
 from apctl.preconditioning.jump import jump
-from apctl.schedules import SIGMA_MAX, SIGMA_MIN, karras_sigmas, snap_to_grid
+from apctl.schedules import SIGMA_MAX, SIGMA_MIN, check_sigmas, karras_sigmas, snap_to_grid
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -160,17 +160,6 @@ def class_labels(n: int, label_dim: int, label: int | None = None) -> torch.Tens
         return None
     classes = torch.full((n,), label) if label is not None else torch.arange(n) % label_dim
     return torch.nn.functional.one_hot(classes, label_dim).float()
-
-
-def check_sigmas(sigmas: Sequence[float]) -> list[float]:
-    sigmas = [float(s) for s in sigmas]
-    if len(sigmas) < 2:
-        raise ApctlError("a σ list needs at least two levels (start and end)")
-    if any(not math.isfinite(s) or s <= 0 for s in sigmas):
-        raise ApctlError(f"σ levels must be positive numbers, got {sigmas}")
-    if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-        raise ApctlError(f"σ levels must strictly decrease, got {sigmas}")
-    return sigmas
 
 
 @torch.no_grad()

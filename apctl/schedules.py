@@ -6,8 +6,12 @@ dx/dσ = (x − D(x, σ))/σ and, in the half log-SNR λ = −ln σ, dx/dλ = D(
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
 
 import numpy as np
+
+from apctl.errors import ApctlError
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -50,3 +54,16 @@ def snap_to_grid(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     idx = np.abs(np.log(values)[:, None] - np.log(grid)[None, :]).argmin(axis=1)
     return grid[idx]
+
+
+def check_sigmas(sigmas: Sequence[float]) -> list[float]:
+    """A sampler's σ list as floats: at least two levels, positive, finite and strictly decreasing (else one
+    ApctlError). Torch-free, so that the config check of `[eval.levels]` can read the same rule."""
+    sigmas = [float(s) for s in sigmas]
+    if len(sigmas) < 2:
+        raise ApctlError("a σ list needs at least two levels (start and end)")
+    if any(not math.isfinite(s) or s <= 0 for s in sigmas):
+        raise ApctlError(f"σ levels must be positive numbers, got {sigmas}")
+    if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ApctlError(f"σ levels must strictly decrease, got {sigmas}")
+    return sigmas

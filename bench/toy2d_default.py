@@ -93,16 +93,17 @@ def evaluate(run_dir: Path, n: int | None = None, named_levels: bool = True) -> 
     (`*_default_levels`), from the same student and noise; `named_levels=False` measures on those alone."""
     import torch
 
-    from apctl.metrics.alignment import AlignmentProbe
+    from apctl.metrics.alignment import run_probe
     from apctl.metrics.evaluation import measure
     from apctl.sampling import SigmaPolicy
     from apctl.training.trained import load_trained_student
 
     torch.set_num_threads(1)
     trained = load_trained_student(run_dir)
-    e = trained.cfg.eval
-    probe = AlignmentProbe(trained.teacher(), trained.shape, n or e.n_samples, e.seed, e.teacher_steps, trained.label_dim)
-    policy = SigmaPolicy.of(e) if named_levels else SigmaPolicy(e.sigmas)
+    probe = run_probe(trained, n=n)
+    policy = SigmaPolicy.of(trained.cfg.eval)
+    default_levels = SigmaPolicy(policy.schedule)            # the same schedule without the named lists
+    policy = policy if named_levels else default_levels
     results = measure(probe, trained.net, trained.precond, trained.grid, [1, 2], policy=policy)
     last = [json.loads(line) for line in (trained.checkpoint.path.parent.parent / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
     row = {"step": trained.checkpoint.step, "it_per_s_last": last.get("it_per_s"), "sigmas2": results["nfe=2"]["sigmas"],
@@ -111,7 +112,7 @@ def evaluate(run_dir: Path, n: int | None = None, named_levels: bool = True) -> 
            "beyond_teacher_ode": probe.beyond_3sigma.get("teacher_ode"),
            "beyond_exact": probe.beyond_3sigma.get("exact")}
     if 2 in policy.levels:
-        default = measure(probe, trained.net, trained.precond, trained.grid, [2], policy=SigmaPolicy(e.sigmas))["nfe=2"]
+        default = measure(probe, trained.net, trained.precond, trained.grid, [2], policy=default_levels)["nfe=2"]
         row |= {"sigmas2_default_levels": default["sigmas"], "rms2_default_levels": default["alignment_rms"],
                 "beyond_student2_default_levels": default.get("beyond_3sigma")}
     return row

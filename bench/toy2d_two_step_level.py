@@ -28,14 +28,13 @@ def level_rows(run_dir: Path, probe_seed: int, n: int, max_level: float) -> list
     80 → level → σ_min from a probe of `n` noises drawn with `probe_seed` (`apctl eval level`'s rows)."""
     import torch
 
-    from apctl.metrics.alignment import AlignmentProbe
+    from apctl.metrics.alignment import run_probe
     from apctl.metrics.two_step_level import inner_levels, level_rows as rows_of
     from apctl.training.trained import load_trained_student
 
     torch.set_num_threads(1)
     trained = load_trained_student(run_dir)
-    e = trained.cfg.eval
-    probe = AlignmentProbe(trained.teacher(), trained.shape, n, probe_seed, e.teacher_steps, trained.label_dim)
+    probe = run_probe(trained, n=n, seed=probe_seed)
     rows = rows_of(probe, trained.net, trained.precond, trained.grid, inner_levels(trained.grid, hi=max_level))
     return [{"run": str(run_dir)} | r | {"teacher_ode_beyond_3sigma": probe.beyond_3sigma.get("teacher_ode")} for r in rows]
 

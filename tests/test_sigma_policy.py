@@ -14,11 +14,7 @@ import pytest
 from apctl.config import ConfigError, config_from_dict
 from apctl.presets import config_to_toml, load_config
 from apctl.sampling import SigmaPolicy, default_sigmas
-
-
-def karras(n: int, lo: float = 0.002, hi: float = 80.0, rho: float = 7.0) -> list[float]:
-    """EDM's eq. 5, written out here: σ_i = (hi^(1/ρ) + i/(n−1)·(lo^(1/ρ) − hi^(1/ρ)))^ρ."""
-    return [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)]
+from oracles import karras     # EDM's eq. 5, written out independently of apctl.schedules
 
 
 def nearest_in_log(value: float, grid: list[float]) -> float:

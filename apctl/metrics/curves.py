@@ -83,7 +83,9 @@ def curve_points(run_dirs: Sequence[Path], metric: str, nfes: Sequence[int], *, 
                                                    "settings": settings, "protocol": row["protocol"]}, indent=1))
                 else:
                     if probe is None:
-                        probe = _alignment_probe(trained, device)
+                        from apctl.metrics.alignment import run_probe
+
+                        probe = run_probe(trained, device)
                     from apctl.metrics.evaluation import measure
 
                     r = measure(probe, trained.net, trained.precond, trained.grid, [nfe], gamma=gamma,
@@ -97,14 +99,6 @@ def curve_points(run_dirs: Sequence[Path], metric: str, nfes: Sequence[int], *, 
                 if on_point is not None:
                     on_point(point)
     return points
-
-
-def _alignment_probe(trained, device):
-    from apctl.metrics.alignment import AlignmentProbe
-
-    e = trained.cfg.eval
-    teacher = trained.teacher().to(device)
-    return AlignmentProbe(teacher, trained.shape, e.n_samples, e.seed, e.teacher_steps, trained.label_dim)
 
 
 def iterations_to_target(points: list[dict], target: float) -> dict[str, dict[int, dict]]:
